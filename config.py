@@ -1,0 +1,310 @@
+"""Typed, validated, immutable settings.
+
+Every key has a default, a type, an allowed range and a one-line description
+(the field metadata below). Sources, strongest first: command-line flags, the
+environment, the ``.env`` file, the defaults. A bad value never falls back to
+the default: :func:`load_settings` raises :class:`ConfigError` naming every
+bad key, its value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import ipaddress
+import logging
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dotenv import dotenv_values
+
+from errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+# Environment variables with these prefixes are ours; an unknown one is
+# probably a typo and is reported instead of silently ignored.
+OWN_PREFIXES = ("HMM_", "REGIME_", "OHLCV_", "KRAKEN_", "SIM_", "CONSENSUS_")
+
+
+def _setting(
+    default: Any,
+    help: str,
+    *,
+    lo: float | None = None,
+    hi: float | None = None,
+    choices: tuple[str, ...] | None = None,
+    secret: bool = False,
+) -> Any:
+    meta = {"help": help, "lo": lo, "hi": hi, "choices": choices, "secret": secret}
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class Settings:
+    # --- market and storage -------------------------------------------------
+    PAIR: str = _setting("XDGUSD", "Kraken pair name traded and stored")
+    KRAKEN_API_URL: str = _setting("https://api.kraken.com", "Base URL of every Kraken call")
+    KRAKEN_TIMEOUT_SEC: float = _setting(10.0, "HTTP timeout of one Kraken request", lo=1, hi=120)
+    KRAKEN_MAX_RETRIES: int = _setting(
+        3, "Retries of a Kraken request on rate limits and service errors", lo=0, hi=10
+    )
+    DB_PATH: str = _setting(
+        "data/bot.sqlite3", "SQLite store for the Kraken market (sim and replay use their own)"
+    )
+    OHLCV_RETENTION_DAYS: int = _setting(
+        14, "Prune stored candles older than this (never below the training target)", lo=1, hi=3650
+    )
+    # --- loop, server, logging ----------------------------------------------
+    LOOP_INTERVAL_SEC: float = _setting(15.0, "Seconds between main-loop cycles", lo=1, hi=300)
+    STATE_SNAPSHOT_INTERVAL_SEC: float = _setting(
+        60.0, "Write the state snapshot at least this often", lo=5, hi=3600
+    )
+    HTTP_HOST: str = _setting("127.0.0.1", "Address the dashboard and API bind to")
+    HTTP_PORT: int = _setting(8080, "Port of the dashboard and API (0 picks a free one)", lo=0, hi=65535)
+    API_TOKEN: str = _setting("", "Bearer token required on /api/* (required off loopback)", secret=True)
+    LOG_LEVEL: str = _setting("INFO", "Logging level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    # --- simulator ----------------------------------------------------------
+    SIM_SEED: int = _setting(7, "Seed of the market simulator", lo=0, hi=2**32 - 1)
+    SIM_SPEED: float = _setting(
+        1.0, "Simulated seconds per wall second in --market sim ('max' = no waiting)", lo=0.01
+    )
+    SIM_START: int = _setting(
+        1_767_225_600, "Unix time at which a fresh simulation starts", lo=946_684_800, hi=4_102_444_800
+    )
+    # --- HMM data and training ----------------------------------------------
+    HMM_OHLCV_SYNC_INTERVAL_SEC: float = _setting(60.0, "Sync cadence of 1m candles", lo=10, hi=3600)
+    HMM_SECONDARY_SYNC_INTERVAL_SEC: float = _setting(
+        300.0, "Sync cadence of 15m candles", lo=60, hi=3600
+    )
+    HMM_TRAINING_CANDLES: int = _setting(4000, "Target training depth of the 1m model", lo=50, hi=200_000)
+    HMM_SECONDARY_TRAINING_CANDLES: int = _setting(
+        1440, "Target training depth of the 15m model", lo=50, hi=50_000
+    )
+    HMM_MIN_TRAIN_SAMPLES: int = _setting(500, "Fewest 1m candles to train on", lo=50, hi=200_000)
+    HMM_SECONDARY_MIN_TRAIN_SAMPLES: int = _setting(
+        200, "Fewest 15m candles to train on", lo=50, hi=50_000
+    )
+    HMM_RECENT_CANDLES: int = _setting(100, "1m candles in one inference window", lo=10, hi=2000)
+    HMM_SECONDARY_RECENT_CANDLES: int = _setting(
+        50, "15m candles in one inference window", lo=10, hi=2000
+    )
+    HMM_CONFIDENCE_THRESHOLD: float = _setting(
+        0.15, "Below this confidence a model's bias signal is 0", lo=0, hi=1
+    )
+    HMM_RETRAIN_INTERVAL_SEC: float = _setting(
+        86400.0, "Scheduled retrain period", lo=600, hi=30 * 86400
+    )
+    HMM_SECONDARY_ENABLED: bool = _setting(True, "Use the 15m model and 1m/15m consensus")
+    HMM_N_ITER: int = _setting(100, "EM iterations per fit", lo=5, hi=2000)
+    HMM_N_INIT: int = _setting(4, "Initialisations per fit; the best likelihood wins", lo=1, hi=20)
+    HMM_RANDOM_STATE: int = _setting(42, "Seed of model fitting (reproducible fits)", lo=0, hi=2**32 - 1)
+    HMM_COVARIANCE_TYPE: str = _setting("full", "Gaussian covariance form", choices=("full", "diag"))
+    HMM_DEEP_DECAY_ENABLED: bool = _setting(False, "Resample training rows so recent ones weigh more")
+    HMM_DEEP_DECAY_HALFLIFE: int = _setting(1440, "Half-life of deep decay, in candles", lo=10, hi=1_000_000)
+    CONSENSUS_1M_WEIGHT: float = _setting(0.3, "Weight of the 1m bias in full agreement", lo=0, hi=1)
+    CONSENSUS_15M_WEIGHT: float = _setting(0.7, "Weight of the 15m bias in full agreement", lo=0, hi=1)
+    # --- regime tiers -------------------------------------------------------
+    REGIME_DIRECTIONAL_ENABLED: bool = _setting(
+        True, "false pins tier 0 (shadow mode: the tier is still computed and shown)"
+    )
+    REGIME_TIER1_CONFIDENCE: float = _setting(0.20, "Effective confidence for tier 1", lo=0, hi=1)
+    REGIME_TIER2_CONFIDENCE: float = _setting(0.50, "Effective confidence for tier 2", lo=0, hi=1)
+    REGIME_TIER1_BIAS_FLOOR: float = _setting(0.10, "Smallest |bias| for tier 1", lo=0, hi=1)
+    REGIME_TIER2_BIAS_FLOOR: float = _setting(0.25, "Smallest |bias| for tier 2", lo=0, hi=1)
+    REGIME_HYSTERESIS: float = _setting(0.05, "Downgrade only this far below a tier's threshold", lo=0, hi=0.5)
+    REGIME_MIN_DWELL_SEC: float = _setting(300.0, "No tier change sooner than this after the last", lo=0, hi=86400)
+
+    def redacted(self) -> dict[str, Any]:
+        """All settings with secrets masked: safe to log or display."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.metadata["secret"]:
+                value = "***" if value else ""
+            elif isinstance(value, float) and math.isinf(value):
+                value = "max"  # SIM_SPEED=max; JSON has no infinity
+            out[f.name] = value
+        return out
+
+
+KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Settings))
+_FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
+_TYPES = {"int": int, "float": float, "bool": bool, "str": str}
+
+
+def describe(key: str) -> str:
+    """The one-line description of a setting."""
+    return _FIELDS[key].metadata["help"]
+
+
+def load_settings(
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    env_file: str | Path | None = ".env",
+) -> Settings:
+    """Build settings from defaults < ``.env`` < environment < ``overrides``.
+
+    ``overrides`` holds values from command-line flags (``None`` = not given).
+    Raises :class:`ConfigError` listing every problem at once.
+    """
+    environ = os.environ if environ is None else environ
+    problems: list[str] = []
+    raw: dict[str, Any] = {}
+
+    if env_file is not None and Path(env_file).is_file():
+        for key, value in dotenv_values(env_file).items():
+            if key not in _FIELDS:
+                problems.append(f"{key} in {env_file} is not a setting{_suggest(key)}")
+            elif value is not None:
+                raw[key] = value
+    for key, value in environ.items():
+        if key in _FIELDS:
+            raw[key] = value
+        elif key.startswith(OWN_PREFIXES):
+            log.warning("environment variable %s is not a setting%s", key, _suggest(key))
+    for key, value in (overrides or {}).items():
+        if key not in _FIELDS:
+            raise ValueError(f"unknown override {key}")
+        if value is not None:
+            raw[key] = value
+
+    values: dict[str, Any] = {}
+    for key, text in raw.items():
+        try:
+            values[key] = _parse(key, text)
+        except ValueError as exc:
+            problems.append(f"{key}={_show(key, text)} is invalid: {exc}")
+    if not problems:
+        settings = Settings(**values)
+        problems.extend(_cross_checks(settings))
+    if problems:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+    return settings
+
+
+def _parse(key: str, value: Any) -> Any:
+    f = _FIELDS[key]
+    kind = _TYPES[f.type] if isinstance(f.type, str) else f.type
+    meta = f.metadata
+    if isinstance(value, str):
+        value = value.strip()
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        lowered = str(value).lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ValueError("expected true or false")
+    if kind is str:
+        text = str(value)
+        if meta["choices"] and text.upper() not in meta["choices"]:
+            raise ValueError(f"expected one of {', '.join(meta['choices'])}")
+        return text.upper() if meta["choices"] else text
+    if kind is float and key == "SIM_SPEED" and str(value).lower() == "max":
+        return math.inf
+    try:
+        number = kind(value) if kind is float else _parse_int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"expected {_range_text(kind, meta)}") from None
+    if kind is float and not math.isfinite(number):
+        raise ValueError(f"expected {_range_text(kind, meta)}")
+    if (meta["lo"] is not None and number < meta["lo"]) or (
+        meta["hi"] is not None and number > meta["hi"]
+    ):
+        raise ValueError(f"expected {_range_text(kind, meta)}")
+    return number
+
+
+def _parse_int(value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError("not an integer")
+    if isinstance(value, int):
+        return value
+    text = str(value).replace("_", "")
+    return int(text)
+
+
+def _range_text(kind: type, meta: Mapping[str, Any]) -> str:
+    noun = "an integer" if kind is int else "a number"
+    lo, hi = meta["lo"], meta["hi"]
+    if lo is not None and hi is not None:
+        return f"{noun} from {lo:g} to {hi:g}"
+    if lo is not None:
+        return f"{noun} of at least {lo:g}"
+    return noun
+
+
+def _show(key: str, value: Any) -> str:
+    return "'***'" if _FIELDS[key].metadata["secret"] else repr(value)
+
+
+def _suggest(key: str) -> str:
+    close = difflib.get_close_matches(key, KEYS, n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _cross_checks(s: Settings) -> list[str]:
+    problems = []
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            problems.append(message)
+
+    need(
+        s.REGIME_TIER2_CONFIDENCE > s.REGIME_TIER1_CONFIDENCE,
+        f"REGIME_TIER2_CONFIDENCE={s.REGIME_TIER2_CONFIDENCE} must be above "
+        f"REGIME_TIER1_CONFIDENCE={s.REGIME_TIER1_CONFIDENCE}",
+    )
+    need(
+        s.REGIME_TIER2_BIAS_FLOOR >= s.REGIME_TIER1_BIAS_FLOOR,
+        f"REGIME_TIER2_BIAS_FLOOR={s.REGIME_TIER2_BIAS_FLOOR} must be at least "
+        f"REGIME_TIER1_BIAS_FLOOR={s.REGIME_TIER1_BIAS_FLOOR}",
+    )
+    need(
+        s.REGIME_HYSTERESIS < s.REGIME_TIER1_CONFIDENCE,
+        f"REGIME_HYSTERESIS={s.REGIME_HYSTERESIS} must be below "
+        f"REGIME_TIER1_CONFIDENCE={s.REGIME_TIER1_CONFIDENCE}",
+    )
+    need(
+        s.HMM_TRAINING_CANDLES >= s.HMM_MIN_TRAIN_SAMPLES,
+        f"HMM_TRAINING_CANDLES={s.HMM_TRAINING_CANDLES} must be at least "
+        f"HMM_MIN_TRAIN_SAMPLES={s.HMM_MIN_TRAIN_SAMPLES}",
+    )
+    need(
+        s.HMM_SECONDARY_TRAINING_CANDLES >= s.HMM_SECONDARY_MIN_TRAIN_SAMPLES,
+        f"HMM_SECONDARY_TRAINING_CANDLES={s.HMM_SECONDARY_TRAINING_CANDLES} must be at least "
+        f"HMM_SECONDARY_MIN_TRAIN_SAMPLES={s.HMM_SECONDARY_MIN_TRAIN_SAMPLES}",
+    )
+    need(
+        s.CONSENSUS_1M_WEIGHT + s.CONSENSUS_15M_WEIGHT > 0,
+        "CONSENSUS_1M_WEIGHT and CONSENSUS_15M_WEIGHT cannot both be 0",
+    )
+    need(
+        s.KRAKEN_API_URL.startswith(("http://", "https://")),
+        f"KRAKEN_API_URL={s.KRAKEN_API_URL!r} is invalid: expected an http:// or https:// URL",
+    )
+    need(bool(s.PAIR.strip()) and s.PAIR.isalnum(), f"PAIR={s.PAIR!r} is invalid: expected letters and digits")
+    need(bool(s.DB_PATH.strip()), "DB_PATH is empty: expected a file path")
+    need(
+        is_loopback(s.HTTP_HOST) or bool(s.API_TOKEN),
+        f"HTTP_HOST={s.HTTP_HOST!r} is not a loopback address: set API_TOKEN before "
+        "exposing the API beyond this machine",
+    )
+    return problems

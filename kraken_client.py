@@ -1,0 +1,172 @@
+"""Kraken public REST client (OHLC), with a pure parser.
+
+Kraken answers HTTP 200 with ``{"error": [...], "result": {...}}``; a
+non-empty ``error`` array is a failure. Rate limits and service errors are
+retried with exponential backoff through an injected ``sleep`` (the clock's),
+so tests never wait on the wall clock. Everything else is a :class:`BadData`
+that the caller skips.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import requests
+
+from candles import Candle, OhlcPage, candle_problem
+from errors import BadData, RetryLater
+
+log = logging.getLogger(__name__)
+
+USER_AGENT = "regime-grid-bot/0.1"
+RETRYABLE_ERROR_PREFIXES = (
+    "EAPI:Rate limit exceeded",
+    "EGeneral:Too many requests",
+    "EGeneral:Temporary lockout",
+    "EService:Unavailable",
+    "EService:Busy",
+    "EService:Market in cancel_only mode",
+)
+RETRYABLE_HTTP = {429, 500, 502, 503, 504, 520, 522, 524}
+MAX_BACKOFF_SEC = 8.0
+MAX_RETRY_AFTER_SEC = 30.0
+
+
+def classify_errors(errors: list[Any]) -> Exception:
+    """The exception for a non-empty Kraken ``error`` array."""
+    text = "; ".join(str(e) for e in errors)
+    if any(str(e).startswith(RETRYABLE_ERROR_PREFIXES) for e in errors):
+        return RetryLater(f"Kraken: {text}")
+    return BadData(f"Kraken: {text}")
+
+
+def parse_ohlc(payload: Any, interval_min: int, now: float) -> OhlcPage:
+    """Parse a decoded ``/0/public/OHLC`` answer.
+
+    The last row is the candle still forming and is returned as ``forming``;
+    rows whose interval has not ended by ``now`` are never reported as closed.
+    Raises :class:`RetryLater` or :class:`BadData` for error arrays and
+    malformed answers.
+    """
+    if not isinstance(payload, dict):
+        raise BadData("Kraken OHLC: the answer is not a JSON object")
+    errors = payload.get("error") or []
+    if not isinstance(errors, list):
+        raise BadData("Kraken OHLC: 'error' is not a list")
+    if errors:
+        raise classify_errors(errors)
+    result = payload.get("result")
+    if not isinstance(result, dict):
+        raise BadData("Kraken OHLC: no 'result' object")
+    series = [v for k, v in result.items() if k != "last"]
+    if len(series) != 1 or not isinstance(series[0], list):
+        raise BadData("Kraken OHLC: expected exactly one pair in 'result'")
+    try:
+        last = int(result["last"]) if result.get("last") is not None else None
+    except (TypeError, ValueError):
+        raise BadData(f"Kraken OHLC: 'last' is not an integer: {result.get('last')!r}") from None
+
+    candles = [_parse_row(row, i) for i, row in enumerate(series[0])]
+    forming = candles.pop() if candles else None
+    width = interval_min * 60
+    closed = [c for c in candles if c.time + width <= now]
+    return OhlcPage(closed, forming, last)
+
+
+def _parse_row(row: Any, index: int) -> Candle:
+    # [time, open, high, low, close, vwap, volume, count]; prices and volume are strings.
+    if not isinstance(row, list) or len(row) < 8:
+        raise BadData(f"Kraken OHLC: row {index} is not an 8-field list: {row!r}")
+    try:
+        candle = Candle(
+            time=int(row[0]),
+            open=float(row[1]),
+            high=float(row[2]),
+            low=float(row[3]),
+            close=float(row[4]),
+            volume=float(row[6]),
+            trade_count=int(row[7]),
+        )
+    except (TypeError, ValueError):
+        raise BadData(f"Kraken OHLC: row {index} has a non-numeric field: {row!r}") from None
+    problem = candle_problem(candle)
+    if problem:
+        raise BadData(f"Kraken OHLC: row {index} ({candle.time}): {problem}")
+    return candle
+
+
+class KrakenPublicClient:
+    """Kraken public market data for one pair (the :class:`candles.MarketData` of paper/live)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        pair: str,
+        *,
+        now: Callable[[], float],
+        sleep: Callable[[float], None],
+        timeout: float = 10.0,
+        max_retries: int = 3,
+        session: requests.Session | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.pair = pair
+        self._now = now
+        self._sleep = sleep
+        self.timeout = timeout
+        self.max_retries = max_retries
+        self._session = session or requests.Session()
+        self._session.headers["User-Agent"] = USER_AGENT
+
+    def fetch_ohlc(self, interval_min: int, since: int | None = None) -> OhlcPage:
+        params: dict[str, Any] = {"pair": self.pair, "interval": interval_min}
+        if since is not None:
+            params["since"] = since
+        return self._with_retries(
+            lambda: parse_ohlc(self._get("/0/public/OHLC", params), interval_min, self._now())
+        )
+
+    def _with_retries(self, call: Callable[[], OhlcPage]) -> OhlcPage:
+        attempt = 0
+        while True:
+            try:
+                return call()
+            except RetryLater as exc:
+                if attempt >= self.max_retries:
+                    raise
+                delay = min(MAX_BACKOFF_SEC, 2.0**attempt)
+                if exc.retry_after_sec is not None:
+                    delay = min(MAX_RETRY_AFTER_SEC, max(delay, exc.retry_after_sec))
+                attempt += 1
+                log.warning("%s; retry %d/%d in %.1fs", exc, attempt, self.max_retries, delay)
+                self._sleep(delay)
+
+    def _get(self, path: str, params: dict[str, Any]) -> Any:
+        url = self.base_url + path
+        try:
+            resp = self._session.get(url, params=params, timeout=self.timeout)
+        except requests.Timeout:
+            raise RetryLater(f"Kraken {path}: timed out after {self.timeout:g}s") from None
+        except requests.RequestException as exc:
+            raise RetryLater(f"Kraken {path}: {type(exc).__name__}: {exc}") from None
+        if resp.status_code in RETRYABLE_HTTP:
+            raise RetryLater(
+                f"Kraken {path}: HTTP {resp.status_code}", retry_after_sec=_retry_after(resp)
+            )
+        if resp.status_code != 200:
+            raise BadData(f"Kraken {path}: HTTP {resp.status_code}")
+        try:
+            return json.loads(resp.content)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise BadData(f"Kraken {path}: the answer is not valid JSON") from None
+
+
+def _retry_after(resp: requests.Response) -> float | None:
+    value = resp.headers.get("Retry-After")
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:
+        return None

@@ -1,0 +1,243 @@
+"""Pure regime policy: consensus of the two models, mechanical tier gating,
+and the 30-minute regime history (SPEC section 5).
+
+Nothing here reads a clock or does I/O; ``now`` is always an argument.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+BEARISH, RANGING, BULLISH = "BEARISH", "RANGING", "BULLISH"
+REGIMES: tuple[str, str, str] = (BEARISH, RANGING, BULLISH)  # probability order everywhere
+
+SYMMETRIC, LONG_BIAS, SHORT_BIAS = "symmetric", "long_bias", "short_bias"
+CAPACITY_BANDS = ("normal", "caution", "stop")
+
+
+@dataclass(frozen=True)
+class RegimeSignal:
+    """What one model says about the newest candle."""
+
+    regime: str
+    confidence: float  # top probability minus the second
+    bias_signal: float  # P(bull) - P(bear), 0 below the confidence threshold
+    probabilities: tuple[float, float, float] | None  # bearish, ranging, bullish
+
+    @property
+    def directional(self) -> bool:
+        return self.regime != RANGING
+
+
+NO_SIGNAL = RegimeSignal(RANGING, 0.0, 0.0, None)
+"""The signal of an untrained model: ranging, no confidence, no bias."""
+
+
+@dataclass(frozen=True)
+class PolicySignal:
+    """The signal tier gating acts on: the consensus, or the primary alone."""
+
+    source: str  # "primary" | "consensus"
+    agreement: str | None  # full | 15m_neutral | 1m_cooling | conflict (None: primary alone)
+    regime: str
+    confidence: float  # raw, before the training-depth modifier
+    bias_signal: float
+
+
+def policy_signal(
+    primary: RegimeSignal,
+    secondary: RegimeSignal | None,
+    *,
+    weight_1m: float,
+    weight_15m: float,
+    tier1_confidence: float,
+) -> PolicySignal:
+    """Consensus of the 1m and 15m models; the 15m sets direction, the 1m timing.
+
+    Without a trained secondary (``None``) the primary passes through.
+    """
+    if secondary is None:
+        return PolicySignal("primary", None, primary.regime, primary.confidence, primary.bias_signal)
+
+    if primary.regime == secondary.regime:
+        total = weight_1m + weight_15m
+        agreement = "full"
+        confidence = max(primary.confidence, secondary.confidence)
+        bias = (weight_1m * primary.bias_signal + weight_15m * secondary.bias_signal) / total
+    elif secondary.regime == RANGING:
+        agreement, confidence, bias = "15m_neutral", 0.0, 0.0
+    elif primary.regime == RANGING:
+        agreement = "1m_cooling"
+        confidence = secondary.confidence * 0.5
+        bias = secondary.bias_signal * 0.5
+    else:
+        agreement, confidence, bias = "conflict", 0.0, 0.0
+
+    bias = max(-1.0, min(1.0, bias))
+    # Effective regime: ranging below the tier-1 threshold (or when both models
+    # agree on ranging), otherwise the side the bias points to.
+    if confidence < tier1_confidence or bias == 0.0 or (agreement == "full" and primary.regime == RANGING):
+        regime = RANGING
+    else:
+        regime = BULLISH if bias > 0 else BEARISH
+    return PolicySignal("consensus", agreement, regime, confidence, bias)
+
+
+# Mechanical tier ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TierSettings:
+    tier1_confidence: float
+    tier2_confidence: float
+    tier1_bias_floor: float
+    tier2_bias_floor: float
+    hysteresis: float
+    min_dwell_sec: float
+
+    def confidence_for(self, tier: int) -> float:
+        return self.tier2_confidence if tier >= 2 else self.tier1_confidence
+
+    def bias_floor_for(self, tier: int) -> float:
+        return self.tier2_bias_floor if tier >= 2 else self.tier1_bias_floor
+
+
+@dataclass(frozen=True)
+class TierState:
+    tier: int
+    direction: str
+    since: float  # time of the last change
+
+
+@dataclass(frozen=True)
+class TierDecision:
+    state: TierState  # the state after this cycle (may be unchanged)
+    changed: bool
+    reason: str  # why it changed, or why a wanted change was held back ("" when steady)
+    wanted_tier: int  # what the signal alone asks for
+    wanted_direction: str
+
+
+def direction_for(tier: int, bias: float) -> str:
+    if tier == 0:
+        return SYMMETRIC
+    return LONG_BIAS if bias > 0 else SHORT_BIAS
+
+
+def next_tier(
+    state: TierState,
+    *,
+    effective_confidence: float,
+    bias_signal: float,
+    regime: str,
+    capacity_band: str,
+    settings: TierSettings,
+    now: float,
+) -> TierDecision:
+    """One step of mechanical tier gating.
+
+    Upgrades need the tier's effective confidence and bias floor in a
+    directional regime. A downgrade of confidence waits for the hysteresis
+    margin below the current tier's threshold; losing the direction (ranging,
+    or the bias pointing the other way) or the bias floor downgrades without
+    margin. No change happens within ``min_dwell_sec`` of the last one, and a
+    ``stop`` capacity band blocks every upgrade.
+    """
+    s = settings
+    eff, bias = effective_confidence, bias_signal
+    directional = regime != RANGING and bias != 0.0
+    side = direction_for(1, bias)
+
+    def qualifies(tier: int) -> bool:
+        return directional and eff >= s.confidence_for(tier) and abs(bias) >= s.bias_floor_for(tier)
+
+    wanted = 2 if qualifies(2) else 1 if qualifies(1) else 0
+    held_by_hysteresis = (
+        state.tier > wanted
+        and directional
+        and side == state.direction
+        and abs(bias) >= s.bias_floor_for(state.tier)
+        and eff >= s.confidence_for(state.tier) - s.hysteresis
+    )
+    target = state.tier if held_by_hysteresis else wanted
+    target_dir = direction_for(target, bias)
+    wanted_dir = direction_for(wanted, bias)
+
+    def hold(reason: str) -> TierDecision:
+        return TierDecision(state, False, reason, wanted, wanted_dir)
+
+    if (target, target_dir) == (state.tier, state.direction):
+        return hold("hysteresis" if held_by_hysteresis else "")
+    if target > state.tier and capacity_band == "stop":
+        if state.tier >= 1 and target_dir != state.direction:
+            # The side still flips; only the step up is refused.
+            target = state.tier
+        else:
+            return hold(f"capacity stop blocks upgrade to tier {target}")
+    if now - state.since < s.min_dwell_sec:
+        remaining = s.min_dwell_sec - (now - state.since)
+        return hold(f"dwell: {remaining:.0f}s before the next change")
+
+    new = TierState(target, direction_for(target, bias), now)
+    reason = _change_reason(state, new, eff=eff, bias=bias, regime=regime, settings=s)
+    return TierDecision(new, True, reason, wanted, wanted_dir)
+
+
+def _change_reason(
+    old: TierState, new: TierState, *, eff: float, bias: float, regime: str, settings: TierSettings
+) -> str:
+    s = settings
+    if new.tier > old.tier:
+        return (
+            f"upgrade to tier {new.tier} {new.direction}: effective confidence {eff:.3f} >= "
+            f"{s.confidence_for(new.tier):.2f}, |bias| {abs(bias):.3f} >= {s.bias_floor_for(new.tier):.2f}"
+        )
+    if new.tier == old.tier:
+        return f"direction flip to {new.direction} at tier {new.tier} ({regime}, bias {bias:+.3f})"
+    if regime == RANGING or bias == 0.0:
+        cause = f"regime {regime}"
+    elif direction_for(1, bias) != old.direction:
+        cause = f"direction turned ({regime}, bias {bias:+.3f})"
+    elif abs(bias) < s.bias_floor_for(old.tier):
+        cause = f"|bias| {abs(bias):.3f} < floor {s.bias_floor_for(old.tier):.2f}"
+    else:
+        cause = (
+            f"effective confidence {eff:.3f} < {s.confidence_for(old.tier) - s.hysteresis:.2f} "
+            f"(tier {old.tier} threshold {s.confidence_for(old.tier):.2f} - hysteresis {s.hysteresis:.2f})"
+        )
+    return f"downgrade to tier {new.tier}: {cause}"
+
+
+# Regime history -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HistoryEntry:
+    ts: float
+    regime: str
+    conf: float
+
+
+class RegimeHistory:
+    """Rolling record of policy regime evaluations over the last ``window_sec``."""
+
+    def __init__(self, window_sec: float = 1800.0, entries: Iterable[HistoryEntry] = ()) -> None:
+        self.window_sec = window_sec
+        self._entries: deque[HistoryEntry] = deque(entries)
+
+    def append(self, ts: float, regime: str, conf: float) -> None:
+        self._entries.append(HistoryEntry(float(ts), regime, round(float(conf), 4)))
+        self.trim(ts)
+
+    def trim(self, now: float) -> None:
+        cutoff = now - self.window_sec
+        while self._entries and self._entries[0].ts < cutoff:
+            self._entries.popleft()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def to_list(self) -> list[dict]:
+        return [{"ts": e.ts, "regime": e.regime, "conf": e.conf} for e in self._entries]

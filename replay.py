@@ -1,0 +1,108 @@
+"""Replay of historical 1-minute candles (``--replay FILE.csv``).
+
+:class:`ReplayMarket` serves a candle file as Kraken would serve it at the
+simulated clock's current time: closed candles only (at most 720), and a
+forming candle that reveals nothing beyond its open, so the bot never sees
+the future. :func:`replay_report` turns a finished run into the JSON report.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from candles import Candle, OhlcPage, aggregate
+from clock import Clock
+from errors import BadData
+
+KRAKEN_WINDOW = 720
+
+
+class ReplayMarket:
+    def __init__(self, clock: Clock, candles: Sequence[Candle], *, secondary_interval_min: int = 15) -> None:
+        if not candles:
+            raise BadData("replay needs at least one candle")
+        for prev, cur in zip(candles, candles[1:]):
+            if cur.time <= prev.time or (cur.time - prev.time) % 60:
+                raise BadData(
+                    f"replay candles must be 1-minute candles in ascending order: "
+                    f"{prev.time} is followed by {cur.time}"
+                )
+        if candles[0].time % 60:
+            raise BadData(f"replay candle time {candles[0].time} is not on a minute boundary")
+        self._clock = clock
+        self._series = {
+            1: list(candles),
+            secondary_interval_min: aggregate(candles, secondary_interval_min, closed_before=math.inf),
+        }
+        self._times = {k: [c.time for c in v] for k, v in self._series.items()}
+
+    @property
+    def start_time(self) -> int:
+        """When the first candle has closed: where the replay clock starts."""
+        return self._series[1][0].time + 60
+
+    @property
+    def end_time(self) -> int:
+        return self._series[1][-1].time + 60
+
+    @property
+    def candle_count(self) -> int:
+        return len(self._series[1])
+
+    @property
+    def finished(self) -> bool:
+        return self._clock.now() >= self.end_time
+
+    def fetch_ohlc(self, interval_min: int, since: int | None = None) -> OhlcPage:
+        if interval_min not in self._series:
+            raise ValueError(f"replay serves {sorted(self._series)} minute candles, not {interval_min}")
+        now = self._clock.now()
+        series, times, width = self._series[interval_min], self._times[interval_min], interval_min * 60
+        hi = bisect.bisect_right(times, now - width)  # candles whose interval has ended
+        lo = max(0, hi - KRAKEN_WINDOW)
+        if since is not None:
+            lo = max(lo, bisect.bisect_right(times, since))
+        forming = None
+        if hi < len(series) and series[hi].time <= now:
+            o = series[hi].open
+            forming = Candle(series[hi].time, o, o, o, o, 0.0, 0)
+        last = forming.time if forming else (series[hi - 1].time if hi else since)
+        return OhlcPage(series[lo:hi], forming, last)
+
+
+def replay_report(
+    *,
+    source: str,
+    market: ReplayMarket,
+    stats: dict[str, Any],
+    final_status: dict[str, Any],
+    wall_sec: float,
+) -> dict[str, Any]:
+    """The replay report (SPEC section 1) from the bot's run statistics."""
+    span = market.end_time - market.start_time
+    tier_seconds = stats["tier_seconds"]
+    total = sum(tier_seconds.values()) or 1.0
+    days = span / 86400 if span > 0 else 0.0
+    return {
+        "source": source,
+        "candles": stats["candles_processed"],
+        "first_candle_time": market.start_time - 60,
+        "last_candle_time": market.end_time - 60,
+        "simulated_span_sec": span,
+        "wall_sec": round(wall_sec, 3),
+        "candles_per_wall_sec": round(stats["candles_processed"] / wall_sec, 1) if wall_sec > 0 else None,
+        "retrains": stats["retrains"],
+        "tier_share": {str(t): round(s / total, 4) for t, s in sorted(tier_seconds.items())},
+        "tier_changes": stats["tier_changes"],
+        "tier_changes_per_day": round(stats["tier_changes"] / days, 2) if days else None,
+        "final": {
+            "regime_tier": final_status["regime_tier"],
+            "training_depth": {
+                name: (final_status["hmm"][name] or {}).get("training_depth")
+                for name in ("primary", "secondary")
+            },
+        },
+    }

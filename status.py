@@ -1,0 +1,116 @@
+"""The status payload of ``GET /api/status`` (SPEC section 12), built by pure functions.
+
+The bot gathers plain values; these functions shape, round and name them.
+Every key is documented in ``README.md`` (section "Status payload").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from datetime import datetime, timezone
+from typing import Any
+
+from regime_policy import LONG_BIAS, SHORT_BIAS, PolicySignal, RegimeSignal, TierDecision, TierState
+from training_depth import TrainingDepth
+
+
+def iso_utc(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _r(x: float | None, digits: int = 4) -> float | None:
+    return None if x is None else round(float(x), digits)
+
+
+def model_block(
+    *,
+    interval_min: int,
+    signal: RegimeSignal,
+    trained: bool,
+    trained_at: float | None,
+    transition_matrix: list[list[float]] | None,
+    depth: TrainingDepth,
+    last_error: str | None,
+) -> dict[str, Any]:
+    probs = signal.probabilities
+    return {
+        "interval_min": interval_min,
+        "trained": trained,
+        "regime": signal.regime,
+        "confidence": _r(signal.confidence),
+        "bias_signal": _r(signal.bias_signal),
+        "probabilities": None
+        if probs is None
+        else {"bearish": _r(probs[0]), "ranging": _r(probs[1]), "bullish": _r(probs[2])},
+        "transition_matrix": None
+        if transition_matrix is None
+        else [[_r(v, 5) for v in row] for row in transition_matrix],
+        "last_trained_at": trained_at,
+        "training_depth": depth.to_dict(),
+        "last_error": last_error,
+    }
+
+
+def consensus_block(policy: PolicySignal, weights: tuple[float, float]) -> dict[str, Any]:
+    return {
+        "active": policy.source == "consensus",
+        "agreement": policy.agreement,
+        "regime": policy.regime,
+        "confidence": _r(policy.confidence),
+        "bias_signal": _r(policy.bias_signal),
+        "weights": {"1m": weights[0], "15m": weights[1]},
+    }
+
+
+def policy_block(policy: PolicySignal, modifier: float) -> dict[str, Any]:
+    return {
+        "raw_confidence": _r(policy.confidence),
+        "confidence_modifier": modifier,
+        "effective_confidence": _r(policy.confidence * modifier),
+        "regime": policy.regime,
+        "bias_signal": _r(policy.bias_signal),
+        "source": policy.source,
+        "agreement": policy.agreement,
+    }
+
+
+def suppressed_side(tier: int, direction: str) -> str | None:
+    """The grid leg whose entries tier 2 suppresses: A (sell entries) when long, B (buy entries) when short."""
+    if tier < 2:
+        return None
+    return {LONG_BIAS: "A", SHORT_BIAS: "B"}.get(direction)
+
+
+def regime_tier_block(
+    *,
+    computed: TierState,
+    directional_enabled: bool,
+    pinned_since: float,
+    decision: TierDecision | None,
+    capacity_band: str,
+    transitions: Iterable[Mapping[str, Any]],
+) -> dict[str, Any]:
+    shadow = not directional_enabled
+    mech = (
+        {"tier": 0, "direction": "symmetric", "since": pinned_since}
+        if shadow
+        else {"tier": computed.tier, "direction": computed.direction, "since": computed.since}
+    )
+    return {
+        "mechanical": {
+            **mech,
+            "shadow": shadow,
+            "would_be": {"tier": computed.tier, "direction": computed.direction, "since": computed.since}
+            if shadow
+            else None,
+            "wanted_tier": decision.wanted_tier if decision else 0,
+            "wanted_direction": decision.wanted_direction if decision else "symmetric",
+            "held_because": (decision.reason or None) if decision and not decision.changed else None,
+        },
+        "effective": {"tier": mech["tier"], "direction": mech["direction"], "source": "mechanical"},
+        "suppressed_side": suppressed_side(mech["tier"], mech["direction"]),
+        "capacity_band": capacity_band,
+        "recent_transitions": list(transitions),
+    }

@@ -1,0 +1,212 @@
+"""The candle and state store: one small interface, SQLite behind it by default.
+
+Nothing outside this module (and the backend modules that implement
+:class:`Store`) knows which backend is active. Tables follow SPEC section 2:
+``ohlcv_candles`` unique on ``(pair, interval_min, time)``, ``bot_state``
+holding the snapshot under one key, ``regime_tier_transitions``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+from candles import Candle
+from errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+class Store(Protocol):
+    def upsert_candles(self, pair: str, interval_min: int, candles: Sequence[Candle]) -> None:
+        """Insert or replace closed candles (idempotent on the unique key)."""
+
+    def load_candles(self, pair: str, interval_min: int, limit: int) -> list[Candle]:
+        """The newest ``limit`` candles, oldest first."""
+
+    def count_candles(self, pair: str, interval_min: int) -> int: ...
+
+    def prune_candles(self, pair: str, interval_min: int, *, older_than: int, keep_newest: int) -> int:
+        """Delete candles opening before ``older_than``, never the newest ``keep_newest``."""
+
+    def load_state(self, key: str) -> dict[str, Any] | None: ...
+
+    def save_state(self, key: str, data: dict[str, Any], updated_at: float) -> None:
+        """Replace the document under ``key`` atomically."""
+
+    def record_tier_transition(self, row: dict[str, Any]) -> None: ...
+
+    def tier_transitions(self, pair: str, limit: int = 50) -> list[dict[str, Any]]:
+        """The newest tier transitions, newest first."""
+
+    def close(self) -> None: ...
+
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS ohlcv_candles (
+    pair TEXT NOT NULL,
+    interval_min INTEGER NOT NULL,
+    time INTEGER NOT NULL,
+    open REAL NOT NULL,
+    high REAL NOT NULL,
+    low REAL NOT NULL,
+    close REAL NOT NULL,
+    volume REAL NOT NULL,
+    trade_count INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (pair, interval_min, time)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS bot_state (
+    key TEXT PRIMARY KEY,
+    data TEXT NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS regime_tier_transitions (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    ts REAL NOT NULL,
+    pair TEXT NOT NULL,
+    from_tier INTEGER NOT NULL,
+    to_tier INTEGER NOT NULL,
+    from_direction TEXT NOT NULL,
+    to_direction TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    regime TEXT,
+    raw_confidence REAL,
+    effective_confidence REAL,
+    bias_signal REAL,
+    shadow INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS regime_tier_transitions_pair_ts ON regime_tier_transitions (pair, ts);
+"""
+
+TRANSITION_COLUMNS = (
+    "ts", "pair", "from_tier", "to_tier", "from_direction", "to_direction", "reason",
+    "regime", "raw_confidence", "effective_confidence", "bias_signal", "shadow",
+)  # fmt: skip
+
+
+class SQLiteStore:
+    """:class:`Store` on a SQLite file in WAL mode (or ``:memory:``).
+
+    WAL with ``synchronous=NORMAL`` keeps the file consistent through a
+    ``kill -9``: a committed transaction is never lost or torn by a crashed
+    process. One connection, guarded by a lock, so any thread may call in.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            self._conn.execute("PRAGMA busy_timeout=5000")
+            if self.path != ":memory:":
+                mode = self._conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+                if mode.lower() != "wal":
+                    raise ConfigError(f"store {self.path}: cannot enable WAL mode (got {mode})")
+            self._conn.execute("PRAGMA synchronous=NORMAL")
+            self._conn.executescript(SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            raise ConfigError(f"cannot open the store at {self.path}: {exc}") from exc
+        self._lock = threading.Lock()
+
+    # candles ----------------------------------------------------------------
+
+    def upsert_candles(self, pair: str, interval_min: int, candles: Sequence[Candle]) -> None:
+        if not candles:
+            return
+        rows = [(pair, interval_min, *c) for c in candles]
+        with self._lock, self._conn:
+            self._conn.execute("BEGIN")
+            self._conn.executemany(
+                "INSERT INTO ohlcv_candles (pair, interval_min, time, open, high, low, close, volume, trade_count) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (pair, interval_min, time) DO UPDATE SET open=excluded.open, high=excluded.high, "
+                "low=excluded.low, close=excluded.close, volume=excluded.volume, trade_count=excluded.trade_count",
+                rows,
+            )
+
+    def load_candles(self, pair: str, interval_min: int, limit: int) -> list[Candle]:
+        if limit <= 0:
+            return []
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT time, open, high, low, close, volume, trade_count FROM ohlcv_candles "
+                "WHERE pair = ? AND interval_min = ? ORDER BY time DESC LIMIT ?",
+                (pair, interval_min, limit),
+            ).fetchall()
+        rows.reverse()
+        return [Candle(*r) for r in rows]
+
+    def count_candles(self, pair: str, interval_min: int) -> int:
+        with self._lock:
+            return self._conn.execute(
+                "SELECT COUNT(*) FROM ohlcv_candles WHERE pair = ? AND interval_min = ?", (pair, interval_min)
+            ).fetchone()[0]
+
+    def prune_candles(self, pair: str, interval_min: int, *, older_than: int, keep_newest: int) -> int:
+        with self._lock, self._conn:
+            self._conn.execute("BEGIN")
+            floor = self._conn.execute(
+                "SELECT time FROM ohlcv_candles WHERE pair = ? AND interval_min = ? "
+                "ORDER BY time DESC LIMIT 1 OFFSET ?",
+                (pair, interval_min, max(keep_newest - 1, 0)),
+            ).fetchone()
+            if floor is None:
+                return 0
+            cutoff = min(older_than, floor[0])
+            return self._conn.execute(
+                "DELETE FROM ohlcv_candles WHERE pair = ? AND interval_min = ? AND time < ?",
+                (pair, interval_min, cutoff),
+            ).rowcount
+
+    # state ------------------------------------------------------------------
+
+    def load_state(self, key: str) -> dict[str, Any] | None:
+        with self._lock:
+            row = self._conn.execute("SELECT data FROM bot_state WHERE key = ?", (key,)).fetchone()
+        if row is None:
+            return None
+        try:
+            data = json.loads(row[0])
+        except json.JSONDecodeError:
+            log.error("bot_state %r is not valid JSON; ignoring it", key)
+            return None
+        return data if isinstance(data, dict) else None
+
+    def save_state(self, key: str, data: dict[str, Any], updated_at: float) -> None:
+        text = json.dumps(data, separators=(",", ":"), allow_nan=False)
+        with self._lock, self._conn:
+            self._conn.execute(
+                "INSERT INTO bot_state (key, data, updated_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (key) DO UPDATE SET data = excluded.data, updated_at = excluded.updated_at",
+                (key, text, updated_at),
+            )
+
+    # events -----------------------------------------------------------------
+
+    def record_tier_transition(self, row: dict[str, Any]) -> None:
+        values = tuple(row.get(c) for c in TRANSITION_COLUMNS)
+        with self._lock, self._conn:
+            self._conn.execute(
+                f"INSERT INTO regime_tier_transitions ({', '.join(TRANSITION_COLUMNS)}) "
+                f"VALUES ({', '.join('?' for _ in TRANSITION_COLUMNS)})",
+                values,
+            )
+
+    def tier_transitions(self, pair: str, limit: int = 50) -> list[dict[str, Any]]:
+        with self._lock:
+            cur = self._conn.execute(
+                f"SELECT {', '.join(TRANSITION_COLUMNS)} FROM regime_tier_transitions "
+                "WHERE pair = ? ORDER BY id DESC LIMIT ?",
+                (pair, limit),
+            )
+            return [dict(zip(TRANSITION_COLUMNS, r)) for r in cur.fetchall()]
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
