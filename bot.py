@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from threadpoolctl import threadpool_limits
+
 import dashboard
 from candle_pipeline import CandlePipeline, FeedSpec
 from candles import MarketData, read_candles_csv
@@ -90,7 +92,7 @@ class Bot:
             return lambda: RegimeDetector(
                 recent_candles=recent,
                 confidence_threshold=s.HMM_CONFIDENCE_THRESHOLD,
-                covariance_type=s.HMM_COVARIANCE_TYPE.lower(),
+                covariance_type=s.HMM_COVARIANCE_TYPE,
                 n_iter=s.HMM_N_ITER,
                 n_init=s.HMM_N_INIT,
                 random_state=s.HMM_RANDOM_STATE,
@@ -330,6 +332,7 @@ class Bot:
                 raise ValueError(f"bad tier {t}")
             self.tier_state = tier
             self.pinned_since = float(snap.get("pinned_since", self.pinned_since))
+            log.info("tier state restored: tier %d %s since %s", tier.tier, tier.direction, iso_utc(tier.since))
             for entry in snap.get("regime_history", []):
                 self.history.append(float(entry["ts"]), str(entry["regime"]), float(entry["conf"]))
         except (KeyError, TypeError, ValueError) as exc:
@@ -573,6 +576,11 @@ def run(argv: list[str] | None = None) -> int:
     )
     logging.getLogger("hmmlearn").setLevel(logging.ERROR)
 
+    # The HTTP threads wait for the GIL while the loop computes: a shorter switch
+    # interval, and no BLAS/OpenMP worker threads (the matrices are tiny) competing
+    # for a small VPS's cores, keep /api/status fast while the loop is busy.
+    sys.setswitchinterval(0.001)
+    threadpool_limits(1)
     stop_event = threading.Event()
     try:
         app = build_app(args, settings, stop_event)
@@ -588,6 +596,7 @@ def run(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     try:
         app.bot.start()
+        app.runner.publish()  # the API answers with the restored state from its first request
         if app.server:
             port = app.server.start()
             log.info("dashboard on http://%s:%d/ (mode %s, pair %s)", settings.HTTP_HOST, port, app.bot.mode,

@@ -205,9 +205,12 @@ def _parse(key: str, value: Any) -> Any:
         raise ValueError("expected true or false")
     if kind is str:
         text = str(value)
-        if meta["choices"] and text.upper() not in meta["choices"]:
-            raise ValueError(f"expected one of {', '.join(meta['choices'])}")
-        return text.upper() if meta["choices"] else text
+        if not meta["choices"]:
+            return text
+        for choice in meta["choices"]:
+            if text.lower() == choice.lower():
+                return choice
+        raise ValueError(f"expected one of {', '.join(meta['choices'])}")
     if kind is float and key == "SIM_SPEED" and str(value).lower() == "max":
         return math.inf
     try:

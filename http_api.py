@@ -230,8 +230,8 @@ def make_handler(ctx: ApiContext) -> type[BaseHTTPRequestHandler]:
             except Exception:  # a bug must not kill the server thread
                 log.exception("error handling %s %s", method, self.path)
                 resp = error_response(500, "internal error")
-            if resp.status == 413 or resp.status == 411:
-                self.close_connection = True  # the unread body would poison the connection
+            if method != "GET":
+                self.close_connection = True  # a refused request may leave its body unread
             self.send_response(resp.status)
             for name, value in resp.headers:
                 self.send_header(name, value)

@@ -65,11 +65,15 @@ def parse_ohlc(payload: Any, interval_min: int, now: float) -> OhlcPage:
     if len(series) != 1 or not isinstance(series[0], list):
         raise BadData("Kraken OHLC: expected exactly one pair in 'result'")
     try:
-        last = int(result["last"]) if result.get("last") is not None else None
+        last = _as_int(result["last"]) if result.get("last") is not None else None
     except (TypeError, ValueError):
         raise BadData(f"Kraken OHLC: 'last' is not an integer: {result.get('last')!r}") from None
 
     candles = [_parse_row(row, i) for i, row in enumerate(series[0])]
+    for i in range(1, len(candles)):
+        # Everything downstream relies on oldest-first, unique times (e.g. the newest stored time).
+        if candles[i].time <= candles[i - 1].time:
+            raise BadData(f"Kraken OHLC: row {i} ({candles[i].time}) is not newer than row {i - 1}")
     forming = candles.pop() if candles else None
     width = interval_min * 60
     closed = [c for c in candles if c.time + width <= now]
@@ -81,14 +85,18 @@ def _parse_row(row: Any, index: int) -> Candle:
     if not isinstance(row, list) or len(row) < 8:
         raise BadData(f"Kraken OHLC: row {index} is not an 8-field list: {row!r}")
     try:
+        time = _as_int(row[0])
+    except (TypeError, ValueError):
+        raise BadData(f"Kraken OHLC: row {index} has a non-integer time: {row!r}") from None
+    try:
         candle = Candle(
-            time=int(row[0]),
+            time=time,
             open=float(row[1]),
             high=float(row[2]),
             low=float(row[3]),
             close=float(row[4]),
             volume=float(row[6]),
-            trade_count=int(row[7]),
+            trade_count=_as_int(row[7]),
         )
     except (TypeError, ValueError):
         raise BadData(f"Kraken OHLC: row {index} has a non-numeric field: {row!r}") from None
@@ -96,6 +104,17 @@ def _parse_row(row: Any, index: int) -> Candle:
     if problem:
         raise BadData(f"Kraken OHLC: row {index} ({candle.time}): {problem}")
     return candle
+
+
+def _as_int(value: Any) -> int:
+    """An integer field; a fractional number or a bool is an error, never silently truncated."""
+    if isinstance(value, bool):
+        raise TypeError(f"not an integer: {value!r}")
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError(f"not an integer: {value!r}")
+        return int(value)
+    return int(value)
 
 
 class KrakenPublicClient:

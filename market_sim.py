@@ -190,17 +190,23 @@ class SimulatedMarket:
         now = self._clock.now()
         self._advance(now)
         if interval_min == 1:
-            closed = [c for c, _ in self._one]
+            series = (c for c, _ in reversed(self._one))
         elif interval_min == self._secondary:
-            closed = list(self._buckets)
+            series = reversed(self._buckets)
         else:
             raise ValueError(f"the simulator serves 1 and {self._secondary} minute candles")
-        closed = closed[-KRAKEN_WINDOW:]
-        if since is not None:
-            closed = [c for c in closed if c.time > since]
+        closed = []
+        for c in series:  # newest first, so a `since` call touches only what is new
+            if len(closed) == KRAKEN_WINDOW or (since is not None and c.time <= since):
+                break
+            closed.append(c)
+        closed.reverse()
         forming = self._forming(interval_min, now)
-        last = forming.time if forming else (closed[-1].time if closed else since)
-        return OhlcPage(closed, forming, last)
+        # Like Kraken's `last`: the newest committed candle, to be polled with as `since`.
+        newest = self._one[-1][0].time if interval_min == 1 and self._one else None
+        if interval_min != 1 and self._buckets:
+            newest = self._buckets[-1].time
+        return OhlcPage(closed, forming, newest if newest is not None else since)
 
     # Ground truth ----------------------------------------------------------
 

@@ -69,7 +69,7 @@ class ReplayMarket:
         if hi < len(series) and series[hi].time <= now:
             o = series[hi].open
             forming = Candle(series[hi].time, o, o, o, o, 0.0, 0)
-        last = forming.time if forming else (series[hi - 1].time if hi else since)
+        last = series[hi - 1].time if hi else since  # Kraken's `last`: the newest committed candle
         return OhlcPage(series[lo:hi], forming, last)
 
 

@@ -1,0 +1,352 @@
+"""Benchmarks: prints the numbers the issues ask for (medians and p99s on this machine).
+
+    python benchmark.py            # everything (a few minutes)
+    python benchmark.py --quick    # skip the long runs (replay of the whole file, memory soak)
+    python benchmark.py --json out.json
+
+Figures: fitting the 4000-candle primary model, one inference cycle of both
+models, the main-loop cycle without training or network, ``GET /api/status``
+latency from another process while the loop runs, replay of the whole DOGE
+file, resident memory of a long simulated run, and the detector's quality
+against the simulator's ground truth next to an EMA(9/21) crossover.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from bot import Bot
+from candles import read_candles_csv
+from clock import SimClock
+from config import load_settings
+from hmm_regime_detector import RegimeDetector, compute_features
+from market_sim import SimulatedMarket, generate
+from regime_policy import BEARISH, BULLISH, RANGING, REGIMES
+from store import SQLiteStore
+
+ROOT = Path(__file__).resolve().parent
+DOGE = Path(os.environ.get("SHARED_DATA_DIR", ROOT.parent / "shared" / "data")) / "DOGEUSDT_1m.csv"
+SIM_START = 1_767_225_600
+
+
+def pct(values: Sequence[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values, dtype=float), q))
+
+
+def timed(fn: Callable[[], object], repeat: int) -> list[float]:
+    out = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def line(name: str, value: str, target: str = "") -> None:
+    print(f"  {name:<58} {value:>22}  {target}")
+
+
+# --- model fitting and inference -------------------------------------------------
+
+
+def bench_fit(results: dict) -> None:
+    print("Fitting the primary model on 4000 candles (n_init=4, full covariance)")
+    sets = []
+    if DOGE.exists():
+        doge = read_candles_csv(DOGE)
+        sets += [("doge", doge[k * 9000 : k * 9000 + 4000]) for k in range(5)]
+    sets += [(f"sim{s}", generate(4000, seed=s)[0]) for s in range(1, 4)]
+    times = []
+    for _name, candles in sets:
+        times += timed(lambda c=candles: RegimeDetector().fit(c), 1)
+    results["fit_4000_sec"] = {"median": statistics.median(times), "max": max(times), "n": len(times)}
+    line("fit, median over %d windows" % len(times), f"{statistics.median(times):.3f} s", "(target: well under 1 s)")
+    line("fit, slowest", f"{max(times):.3f} s")
+
+
+def trained_bot(db: str, **overrides) -> Bot:
+    settings = load_settings({"SIM_SEED": 7, "LOG_LEVEL": "WARNING", **overrides}, environ={}, env_file=None)
+    clock = SimClock(SIM_START)
+    market = SimulatedMarket(clock, seed=7, start=SIM_START)
+    bot = Bot(settings, mode="sim", clock=clock, market=market, store=SQLiteStore(db), truth=market.current_truth)
+    bot.start()
+    bot.tick()  # trains both models on the 720-candle windows
+    return bot
+
+
+def bench_inference_and_cycle(results: dict) -> None:
+    print("Inference and main-loop cycle (simulated market, models trained, no training, no network)")
+    with tempfile.TemporaryDirectory() as tmp:
+        bot = trained_bot(os.path.join(tmp, "b.sqlite3"))
+        slots = bot.slots()
+        inference = timed(lambda: [s.evaluate() for s in slots], 2000)
+        results["inference_both_models_ms"] = {"median": statistics.median(inference) * 1e3,
+                                                "p99": pct(inference, 99) * 1e3}  # fmt: skip
+        line("one inference cycle, both models (median)", f"{statistics.median(inference) * 1e3:.3f} ms",
+             "(target: < 10 ms)")  # fmt: skip
+        line("one inference cycle, both models (p99)", f"{pct(inference, 99) * 1e3:.3f} ms")
+        window = bot.pipeline.window(1)
+        batch = timed(lambda: bot.primary.detector.infer(window), 500)
+        line("primary inference from raw candles, 300-row window (median)", f"{statistics.median(batch) * 1e3:.3f} ms")
+
+        cycles = []
+        for _ in range(4 * 60 * 6):  # six simulated hours of 15-second cycles
+            bot.clock.advance(15)
+            t = time.perf_counter()
+            bot.tick()
+            cycles.append(time.perf_counter() - t)
+            if bot.stats.retrains and bot.stats.retrains[-1]["time"] == bot.clock.now():
+                cycles.pop()  # a training cycle is not part of this figure
+        status = timed(bot.status, 500)
+        bot.store.close()
+    results["main_loop_cycle_ms"] = {"median": statistics.median(cycles) * 1e3, "p99": pct(cycles, 99) * 1e3,
+                                     "n": len(cycles)}  # fmt: skip
+    line(f"main-loop cycle, {len(cycles)} cycles (median)", f"{statistics.median(cycles) * 1e3:.3f} ms")
+    line("main-loop cycle (p99)", f"{pct(cycles, 99) * 1e3:.3f} ms", "(target: p99 < 20 ms)")
+    line("building the status payload (median)", f"{statistics.median(status) * 1e3:.3f} ms")
+
+
+# --- processes ------------------------------------------------------------------------
+
+
+class Proc:
+    def __init__(self, args: list[str], cwd: str, env: dict | None = None) -> None:
+        full_env = {"PATH": os.environ.get("PATH", ""), "HOME": cwd, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.p = subprocess.Popen([sys.executable, str(ROOT / "bot.py"), *args], cwd=cwd, env=full_env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        self.lines: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for raw in self.p.stdout:
+            self.lines.append(raw.rstrip())
+
+    def port(self, timeout: float = 60) -> int:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for ln in list(self.lines):
+                m = re.search(r"dashboard on http://[^:]+:(\d+)/", ln)
+                if m:
+                    return int(m.group(1))
+            time.sleep(0.05)
+        raise RuntimeError("bot did not start:\n" + "\n".join(self.lines))
+
+    def rss_mb(self) -> float:
+        text = Path(f"/proc/{self.p.pid}/status").read_text()
+        return int(re.search(r"VmRSS:\s+(\d+)", text).group(1)) / 1024
+
+    def stop(self) -> None:
+        self.p.terminate()
+        self.p.wait(30)
+
+
+def status_once(port: int) -> dict:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/status", timeout=10) as r:
+        return json.loads(r.read())
+
+
+def bench_status_latency(results: dict) -> None:
+    print("GET /api/status from another process while the loop runs (python bot.py --market sim)")
+    for speed in ("60", "max"):
+        with tempfile.TemporaryDirectory() as tmp:
+            proc = Proc(["--market", "sim", "--speed", speed, "--port", "0", "--db", f"{tmp}/s.sqlite3",
+                         "--log-level", "INFO"], tmp)  # fmt: skip
+            port = proc.port()
+            while status_once(port)["health"]["cycles"] < 5:
+                time.sleep(0.1)
+            lat = []
+            conn_url = f"http://127.0.0.1:{port}/api/status"
+            for _ in range(2000):
+                t = time.perf_counter()
+                with urllib.request.urlopen(conn_url, timeout=10) as r:
+                    r.read()
+                lat.append(time.perf_counter() - t)
+            size = len(json.dumps(status_once(port)))
+            proc.stop()
+        key = f"status_latency_ms_speed_{speed}"
+        results[key] = {"median": statistics.median(lat) * 1e3, "p99": pct(lat, 99) * 1e3, "bytes": size}
+        label = "loop paced, 60x" if speed == "60" else "loop saturating a core, --speed max"
+        line(f"{label} (median)", f"{statistics.median(lat) * 1e3:.3f} ms")
+        line(f"{label} (p99), {size} bytes", f"{pct(lat, 99) * 1e3:.3f} ms", "(target: p99 < 10 ms)")
+
+
+def bench_replay(results: dict) -> None:
+    if not DOGE.exists():
+        print(f"Replay: skipped, {DOGE} not found")
+        return
+    print(f"Replay of the whole DOGE file ({DOGE.name})")
+    with tempfile.TemporaryDirectory() as tmp:
+        report_path = Path(tmp) / "report.json"
+        t = time.perf_counter()
+        proc = Proc(["--replay", str(DOGE), "--report", str(report_path), "--log-level", "WARNING"], tmp)
+        proc.p.wait()
+        wall = time.perf_counter() - t
+        report = json.loads(report_path.read_text())
+    primary = [r for r in report["retrains"] if r["model"] == "primary"]
+    results["replay"] = {
+        "process_wall_sec": wall, "loop_wall_sec": report["wall_sec"], "candles": report["candles"],
+        "retrains": len(report["retrains"]), "retrain_sec": sum(r["duration_sec"] for r in report["retrains"]),
+        "tier_share": report["tier_share"], "tier_changes": report["tier_changes"],
+        "tier_changes_per_day": report["tier_changes_per_day"],
+    }  # fmt: skip
+    line(f"{report['candles']} candles, whole process", f"{wall:.1f} s", "(target: < 60 s)")
+    line("  of which the loop (report wall_sec)", f"{report['wall_sec']:.1f} s")
+    line(f"  of which {len(report['retrains'])} retrains", f"{results['replay']['retrain_sec']:.1f} s")
+    line("  primary quality tiers over the run", " > ".join(dict.fromkeys(r["quality_tier"] for r in primary)))
+    line("  time share per mechanical tier 0/1/2", " / ".join(f"{v:.1%}" for v in report["tier_share"].values()))
+    line("  tier changes (per day)", f"{report['tier_changes']} ({report['tier_changes_per_day']}/day)")
+
+
+def bench_memory(results: dict, seconds: float) -> None:
+    print(f"Resident memory of python bot.py --market sim --speed max over {seconds:.0f} s of wall time")
+    with tempfile.TemporaryDirectory() as tmp:
+        proc = Proc(["--market", "sim", "--speed", "max", "--port", "0", "--db", f"{tmp}/m.sqlite3",
+                     "--log-level", "INFO"], tmp)  # fmt: skip
+        port = proc.port()
+        samples = []
+        start = time.monotonic()
+        while time.monotonic() - start < seconds:
+            time.sleep(1.0)
+            samples.append((time.monotonic() - start, proc.rss_mb()))
+        st = status_once(port)
+        proc.stop()
+    sim_days = (st["now"] - SIM_START) / 86400
+    rss = [r for _, r in samples]
+    half = len(rss) // 2
+    results["memory_mb"] = {"first": rss[0], "max": max(rss), "last": rss[-1],
+                            "median_first_half": statistics.median(rss[:half]),
+                            "median_second_half": statistics.median(rss[half:]), "simulated_days": sim_days}  # fmt: skip
+    line(f"simulated {sim_days:.1f} days; RSS first / max / last", f"{rss[0]:.0f} / {max(rss):.0f} / {rss[-1]:.0f} MB",
+         "(target: < 250 MB, flat)")  # fmt: skip
+    line("median RSS, first half vs second half",
+         f"{statistics.median(rss[:half]):.0f} vs {statistics.median(rss[half:]):.0f} MB")  # fmt: skip
+
+
+# --- detector quality -------------------------------------------------------------------
+
+
+def balanced_accuracy(truth: Sequence[str], pred: Sequence[str]) -> float:
+    recalls = []
+    for r in REGIMES:
+        idx = [i for i, t in enumerate(truth) if t == r]
+        if idx:
+            recalls.append(sum(pred[i] == r for i in idx) / len(idx))
+    return float(np.mean(recalls))
+
+
+def switches(labels: Sequence[str]) -> int:
+    return sum(1 for a, b in zip(labels, labels[1:]) if a != b)
+
+
+def bench_quality(results: dict, seeds: Sequence[int]) -> None:
+    print(f"Detector quality on the simulator: train on 4000 candles, score the next 4000 online, seeds {list(seeds)}")
+    rows = []
+    for seed in seeds:
+        candles, labels = generate(8200, seed=seed)
+        train, test_from = candles[:4000], 4200
+        det = RegimeDetector().fit(train)
+        preds, confs = [], []
+        for i in range(test_from, test_from + 4000):
+            s = det.infer(candles[i - det.window_size + 1 : i + 1])
+            preds.append(s.regime)
+            confs.append(s.confidence)
+        truth = labels[test_from : test_from + 4000]
+        spread = compute_features(candles[: test_from + 4000])[test_from:, 1]
+        ema_cross = [BULLISH if x > 0 else BEARISH for x in spread]
+        band = float(np.median(np.abs(spread)))
+        ema_band = [BULLISH if x > band else BEARISH if x < -band else RANGING for x in spread]
+        rows.append({
+            "seed": seed, "true_switches": switches(truth),
+            "hmm": {"balanced_accuracy": balanced_accuracy(truth, preds), "switches": switches(preds),
+                    "median_confidence": float(np.median(confs))},
+            "ema_crossover": {"balanced_accuracy": balanced_accuracy(truth, ema_cross), "switches": switches(ema_cross)},
+            "ema_band": {"balanced_accuracy": balanced_accuracy(truth, ema_band), "switches": switches(ema_band)},
+        })  # fmt: skip
+    results["detector_quality"] = rows
+    print(f"  {'seed':>4} {'true sw':>8} | {'HMM bal.acc':>11} {'HMM sw':>7} {'med conf':>8} | "
+          f"{'EMA x bal.acc':>13} {'EMA x sw':>8} | {'EMA band bal.acc':>16} {'sw':>5}")  # fmt: skip
+    for r in rows:
+        print(f"  {r['seed']:>4} {r['true_switches']:>8} | {r['hmm']['balanced_accuracy']:>11.3f} "
+              f"{r['hmm']['switches']:>7} {r['hmm']['median_confidence']:>8.3f} | "
+              f"{r['ema_crossover']['balanced_accuracy']:>13.3f} {r['ema_crossover']['switches']:>8} | "
+              f"{r['ema_band']['balanced_accuracy']:>16.3f} {r['ema_band']['switches']:>5}")  # fmt: skip
+
+    def mean(path):
+        vals = [r[path[0]][path[1]] if len(path) == 2 else r[path[0]] for r in rows]
+        return float(np.mean(vals))
+
+    print(f"  mean: HMM balanced accuracy {mean(('hmm', 'balanced_accuracy')):.3f}, "
+          f"switches {mean(('hmm', 'switches')):.0f} vs true {mean(('true_switches',)):.0f} "
+          f"({mean(('hmm', 'switches')) / max(mean(('true_switches',)), 1):.1f}x), "
+          f"median confidence {mean(('hmm', 'median_confidence')):.3f}; "
+          f"EMA crossover {mean(('ema_crossover', 'balanced_accuracy')):.3f} "
+          f"({mean(('ema_crossover', 'switches')):.0f} switches); "
+          f"EMA with a dead band {mean(('ema_band', 'balanced_accuracy')):.3f} "
+          f"({mean(('ema_band', 'switches')):.0f} switches)")  # fmt: skip
+
+
+def bench_sim_tiers(results: dict) -> None:
+    print("Mechanical tiers on the simulator (3 simulated days, default settings after warm-up)")
+    with tempfile.TemporaryDirectory() as tmp:
+        bot = trained_bot(os.path.join(tmp, "t.sqlite3"))
+        directional_when_ranging = 0
+        ranging = 0
+        steps = 4 * 60 * 24 * 3
+        for _ in range(steps):
+            bot.clock.advance(15)
+            bot.tick()
+            truth = bot.market.current_truth()
+            if truth == RANGING:
+                ranging += 1
+                directional_when_ranging += bot.mechanical_state().tier > 0
+        total = sum(bot.stats.tier_seconds.values())
+        share = {t: s / total for t, s in bot.stats.tier_seconds.items()}
+        bot.store.close()
+    results["sim_tiers"] = {"tier_share": share, "tier_changes_per_day": bot.stats.tier_changes / 3,
+                            "directional_while_truly_ranging": directional_when_ranging / max(ranging, 1)}  # fmt: skip
+    line("time share tier 0/1/2", " / ".join(f"{v:.1%}" for v in share.values()))
+    line("tier changes per day", f"{bot.stats.tier_changes / 3:.1f}")
+    line("share of truly ranging time spent at tier >= 1", f"{directional_when_ranging / max(ranging, 1):.1%}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="skip the whole-file replay and the memory soak")
+    ap.add_argument("--json", help="also write the results to this JSON file")
+    ap.add_argument("--memory-seconds", type=float, default=120.0)
+    args = ap.parse_args(argv)
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("hmmlearn").setLevel(logging.ERROR)
+    results: dict = {"cpu_count": os.cpu_count(), "python": sys.version.split()[0]}
+    print(f"benchmark on {os.cpu_count()} cores, Python {results['python']}")
+    bench_fit(results)
+    bench_inference_and_cycle(results)
+    bench_status_latency(results)
+    bench_quality(results, seeds=(1, 2, 3, 4, 5))
+    bench_sim_tiers(results)
+    if not args.quick:
+        bench_replay(results)
+        bench_memory(results, args.memory_seconds)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2, default=float) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,330 @@
+"""A local fake of Kraken's public REST API (``GET /0/public/OHLC``) for tests.
+
+A real HTTP server on 127.0.0.1 (port 0) in a daemon thread, serving a list of
+1-minute :class:`candles.Candle` as Kraken would at the injected ``now``:
+
+- ``{"error": [], "result": {PAIR: [[time, "open", "high", "low", "close",
+  "vwap", "volume", count], ...], "last": int}}`` with prices and volume as
+  strings, oldest first;
+- at most the 720 newest entries, the last one always the candle still forming
+  (present whatever ``since`` is); closed entries only when ``time > since``;
+- ``last`` is the time of the newest committed (closed) candle, i.e. the
+  ``since`` that polls for new committed data. Kraken's docs define it as
+  "ID to be used as since when polling for new, committed OHLC data"; a live
+  answer to ``interval=60&since=<now>`` shows one forming row at T and
+  ``"last": T - 3600``;
+- intervals other than 1 are aggregated from the 1-minute candles
+  (:func:`candles.aggregate`, buckets aligned to the epoch).
+
+Failures are injected with :meth:`FakeKraken.fail_next`. Rendering is pure
+(:func:`render_ohlc`); the request handler is a thin adapter bound to its
+server by a factory.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import json
+import logging
+import math
+import socket
+import threading
+from collections import deque
+from collections.abc import Callable, Sequence
+from decimal import Decimal
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, NamedTuple
+from urllib.parse import parse_qsl, urlsplit
+
+from candles import Candle, aggregate
+
+log = logging.getLogger(__name__)
+
+OHLC_PATH = "/0/public/OHLC"
+KRAKEN_WINDOW = 720
+KRAKEN_INTERVALS = (1, 5, 15, 30, 60, 240, 1440, 10080, 21600)
+PRICE_DECIMALS = 7  # XDGUSD pair_decimals
+VOLUME_DECIMALS = 8  # XDGUSD lot_decimals
+BAD_ROW_INDEX = 0  # the row "bad_row" corrupts
+BAD_PRICE = "n/a"
+
+ERROR_ARRAYS = {
+    "rate_limit": "EAPI:Rate limit exceeded",
+    "too_many": "EGeneral:Too many requests",
+    "unavailable": "EService:Unavailable",
+    "unknown_pair": "EQuery:Unknown asset pair",
+}
+HTTP_FAILURES = {"http_429": 429, "http_502": 502, "http_503": 503}
+FAIL_KINDS = frozenset({*ERROR_ARRAYS, *HTTP_FAILURES, "malformed", "bad_row", "slow"})
+
+JSON_TYPE = "application/json; charset=utf-8"
+HTML_TYPE = "text/html; charset=utf-8"
+REASONS = {429: "Too Many Requests", 502: "Bad Gateway", 503: "Service Unavailable"}
+
+Response = tuple[int, dict[str, str], bytes]
+
+
+class Failure(NamedTuple):
+    kind: str
+    retry_after: float | None = None
+    delay: float = 0.0
+
+
+# Pure rendering ---------------------------------------------------------------
+
+
+def _decimal_text(value: float, min_decimals: int) -> str:
+    """Positional text that parses back to exactly ``value``, padded like Kraken's fixed decimals."""
+    whole, _, frac = format(Decimal(repr(float(value))), "f").partition(".")
+    return f"{whole}.{frac.ljust(min_decimals, '0')}"
+
+
+def kraken_row(c: Candle) -> list[Any]:
+    """``[time, open, high, low, close, vwap, volume, count]`` with Kraken's string fields."""
+    vwap = round((c.high + c.low + c.close) / 3.0, PRICE_DECIMALS)
+    price = [_decimal_text(p, PRICE_DECIMALS) for p in (c.open, c.high, c.low, c.close, vwap)]
+    return [int(c.time), *price, _decimal_text(c.volume, VOLUME_DECIMALS), int(c.trade_count)]
+
+
+def ohlc_entries(candles: Sequence[Candle], interval_min: int, now: float) -> tuple[list[Candle], Candle | None]:
+    """Closed candles (at most 719, oldest first) and the forming one, as Kraken holds them at ``now``.
+
+    ``candles`` are 1-minute candles sorted by time. When no candle covers
+    ``now`` (the data ran out) the forming entry is a flat, empty candle at the
+    last close, as on a market without trades. ``None`` when nothing traded yet.
+    """
+    width = interval_min * 60
+    current = math.floor(now) // width * width
+    times = [c.time for c in candles]
+    lo = bisect.bisect_left(times, current - KRAKEN_WINDOW * width)
+    hi = bisect.bisect_right(times, now)
+    visible = list(candles[lo:hi])
+    entries = visible if interval_min == 1 else aggregate(visible, interval_min, closed_before=math.inf)
+    closed = [c for c in entries if c.time + width <= now]
+    forming = next((c for c in entries if c.time == current), None)
+    if forming is None:
+        last = entries[-1] if entries else (candles[hi - 1] if hi else None)
+        if last is None:
+            return closed[-(KRAKEN_WINDOW - 1) :], None
+        forming = Candle(current, last.close, last.close, last.close, last.close, 0.0, 0)
+    return closed[-(KRAKEN_WINDOW - 1) :], forming
+
+
+def render_ohlc(
+    candles: Sequence[Candle], pair: str, interval_min: int, since: int | None, now: float
+) -> dict[str, Any]:
+    """The decoded ``/0/public/OHLC`` answer for ``pair`` at ``now``."""
+    closed, forming = ohlc_entries(candles, interval_min, now)
+    if since is not None:
+        closed = [c for c in closed if c.time > since]
+    rows = [kraken_row(c) for c in closed]
+    if forming is not None:
+        rows.append(kraken_row(forming))
+        last = forming.time - interval_min * 60
+    else:
+        last = since or 0
+    return {"error": [], "result": {pair: rows, "last": last}}
+
+
+def _json(status: int, payload: Any, headers: dict[str, str] | None = None) -> Response:
+    body = json.dumps(payload, separators=(",", ":")).encode()
+    return status, {"Content-Type": JSON_TYPE, **(headers or {})}, body
+
+
+def _html(status: int, headers: dict[str, str] | None = None) -> Response:
+    title = f"{status} {REASONS.get(status, 'Error')}"
+    body = f"<html><head><title>{title}</title></head><body><center><h1>{title}</h1></center></body></html>"
+    return status, {"Content-Type": HTML_TYPE, **(headers or {})}, body.encode()
+
+
+def _kraken_error(message: str) -> Response:
+    return _json(200, {"error": [message]})
+
+
+def respond_ohlc(
+    candles: Sequence[Candle], pair: str, params: dict[str, str], now: float, failure: Failure | None
+) -> Response:
+    """Status, headers and body of one OHLC request (after any ``slow`` wait)."""
+    kind = failure.kind if failure else None
+    if kind in ERROR_ARRAYS:
+        return _kraken_error(ERROR_ARRAYS[kind])
+    if kind in HTTP_FAILURES:
+        extra = {"Retry-After": f"{failure.retry_after:g}"} if failure.retry_after is not None else {}
+        return _html(HTTP_FAILURES[kind], extra)
+    requested = params.get("pair", "")
+    if not requested:
+        return _kraken_error("EGeneral:Invalid arguments")
+    if requested.upper() != pair.upper():
+        return _kraken_error("EQuery:Unknown asset pair")
+    try:
+        interval = int(params.get("interval", "1"))
+        since = int(params["since"]) if params.get("since", "") != "" else None
+    except ValueError:
+        return _kraken_error("EGeneral:Invalid arguments")
+    if interval not in KRAKEN_INTERVALS:
+        return _kraken_error("EGeneral:Invalid arguments")
+    payload = render_ohlc(candles, pair, interval, since, now)
+    if kind == "bad_row":
+        rows = payload["result"][pair]
+        if rows:
+            rows[BAD_ROW_INDEX][4] = BAD_PRICE
+    status, headers, body = _json(200, payload)
+    if kind == "malformed":
+        body = body[: len(body) // 2]  # a cut-off object is never valid JSON
+    return status, headers, body
+
+
+# The server -------------------------------------------------------------------
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, fake: FakeKraken, handler: type[BaseHTTPRequestHandler]) -> None:
+        self.fake = fake
+        self.open_sockets: set[socket.socket] = set()
+        self.sockets_lock = threading.Lock()
+        super().__init__(("127.0.0.1", 0), handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self.sockets_lock:
+            self.open_sockets.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        with self.sockets_lock:
+            self.open_sockets.discard(request)
+        super().shutdown_request(request)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        log.debug("fake Kraken: error while serving %s", client_address, exc_info=True)
+
+
+def _make_handler(fake: FakeKraken) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def version_string(self) -> str:
+            return "FakeKraken/1.0"
+
+        def do_GET(self) -> None:
+            parts = urlsplit(self.path)
+            params = dict(parse_qsl(parts.query, keep_blank_values=True))
+            answer = fake.handle(parts.path, params, dict(self.headers.items()))
+            if answer is None:  # stopped while waiting: drop the connection unanswered
+                self.close_connection = True
+                return
+            status, headers, body = answer
+            try:
+                self.send_response(status)
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(body)))
+                if fake.stopping:
+                    self.send_header("Connection", "close")
+                    self.close_connection = True
+                self.end_headers()
+                self.wfile.write(body)
+            except OSError:  # the client gave up (e.g. its timeout fired)
+                self.close_connection = True
+
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+            log.debug("fake Kraken: " + format, *args)
+
+    return Handler
+
+
+class FakeKraken:
+    """Kraken's public OHLC endpoint over real HTTP, driven by a clock.
+
+    Use as a context manager, or :meth:`start` / :meth:`stop`. Every request
+    is recorded in :attr:`requests` as ``{"path", "params", "headers"}``.
+    """
+
+    def __init__(self, candles: list[Candle], *, now: Callable[[], float], pair: str = "XDGUSD") -> None:
+        self.pair = pair
+        self.url = ""
+        self.requests: list[dict] = []
+        self._now = now
+        self._lock = threading.Lock()
+        self._candles: list[Candle] = []
+        self._failures: deque[Failure] = deque()
+        self._stop = threading.Event()
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+        self.set_candles(candles)
+
+    # control --------------------------------------------------------------------
+
+    def set_candles(self, candles: list[Candle]) -> None:
+        """Replace the market data (1-minute candles, any order)."""
+        ordered = sorted(candles, key=lambda c: c.time)
+        with self._lock:
+            self._candles = ordered
+
+    def fail_next(self, n: int, kind: str, *, retry_after: float | None = None, delay: float = 0.0) -> None:
+        """Make the next ``n`` OHLC requests fail with ``kind`` (queued after earlier ones)."""
+        if kind not in FAIL_KINDS:
+            raise ValueError(f"unknown failure kind {kind!r}; expected one of {sorted(FAIL_KINDS)}")
+        if n < 0 or delay < 0 or (retry_after is not None and retry_after < 0):
+            raise ValueError("n, delay and retry_after must not be negative")
+        with self._lock:
+            self._failures.extend([Failure(kind, retry_after, delay)] * n)
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    # lifecycle ------------------------------------------------------------------
+
+    def start(self) -> str:
+        if self._server is not None:
+            return self.url
+        self._stop.clear()
+        self._server = _Server(self, _make_handler(self))
+        host, port = self._server.server_address[:2]
+        self.url = f"http://{host}:{port}"
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name="fake-kraken", daemon=True
+        )
+        self._thread.start()
+        return self.url
+
+    def stop(self) -> None:
+        server, self._server = self._server, None
+        if server is None:
+            return
+        self._stop.set()  # wakes every "slow" answer
+        server.shutdown()
+        with server.sockets_lock:
+            open_sockets = list(server.open_sockets)
+        for sock in open_sockets:  # ends keep-alive connections idling in their threads
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=2.0)
+            self._thread = None
+
+    def __enter__(self) -> FakeKraken:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # serving --------------------------------------------------------------------
+
+    def handle(self, path: str, params: dict[str, str], headers: dict[str, str]) -> Response | None:
+        """Answer one GET (called from a handler thread); ``None`` when stopped meanwhile."""
+        with self._lock:
+            self.requests.append({"path": path, "params": params, "headers": headers})
+            if path != OHLC_PATH:
+                return _json(404, {"error": ["EGeneral:Unknown method"]})
+            failure = self._failures.popleft() if self._failures else None
+        if failure is not None and failure.kind == "slow" and self._stop.wait(failure.delay):
+            return None
+        with self._lock:
+            candles = self._candles
+        return respond_ohlc(candles, self.pair, params, self._now(), failure)

@@ -1,0 +1,247 @@
+"""The wired bot on the simulator and a simulated clock: the cycle end to end."""
+
+import json
+
+import pytest
+
+from conftest import make_sim_bot, run_ticks
+from errors import BadData, RetryLater
+from regime_policy import BULLISH, RegimeSignal
+
+
+def depth(bot, model="primary"):
+    return bot.status()["hmm"][model]["training_depth"]
+
+
+def test_cold_start_trains_shallow_then_climbs_to_full_by_itself(tmp_path):
+    bot = make_sim_bot(tmp_path / "cold.sqlite3", LOOP_INTERVAL_SEC=60)
+    assert bot.store.count_candles("XDGUSD", 1) == 0
+    bot.tick()
+    # The store was empty: the 720-candle window Kraken (here the simulator) serves.
+    first = depth(bot)
+    assert (first["current_candles"], first["quality_tier"], first["confidence_modifier"]) == (720, "shallow", 0.70)
+    assert depth(bot, "secondary")["quality_tier"] == "baseline"  # 720 of 1440 fifteen-minute candles
+    seen = [first["quality_tier"]]
+    for i in range(3300):  # 55 simulated hours, one cycle a minute
+        bot.clock.advance(60)
+        bot.tick()
+        if i % 10 == 0 or i == 3299:
+            tier = depth(bot)["quality_tier"]
+            if tier != seen[-1]:
+                seen.append(tier)
+    assert seen == ["shallow", "baseline", "deep", "full"]
+    final = depth(bot)
+    assert final["current_candles"] == 4000 and final["estimated_full_at"] is None
+    reasons = [(r["model"], r["reason"], r["quality_tier"], r["candles"]) for r in bot.stats.retrains]
+    primary = [r for r in reasons if r[0] == "primary"]
+    assert primary[0] == ("primary", "initial", "shallow", 720)
+    assert ("primary", "tier_improvement", "baseline", 1000) in primary
+    assert ("primary", "tier_improvement", "deep", 2500) in primary
+    assert ("primary", "tier_improvement", "full", 4000) in primary
+    assert ("secondary", "tier_improvement", "deep", 900) in reasons
+    bot.store.close()
+
+
+def fixed_signal(bot, signal):
+    bot.primary.detector.infer_rows = lambda rows: signal
+
+
+def test_modifier_changes_the_tier_while_raw_confidence_is_reported_unchanged(tmp_path):
+    bot = make_sim_bot(tmp_path / "m.sqlite3", HMM_SECONDARY_ENABLED=False, REGIME_MIN_DWELL_SEC=0)
+    bot.tick()
+    assert bot.primary.confidence_modifier == 0.70  # shallow
+    fixed_signal(bot, RegimeSignal(BULLISH, 0.55, 0.6, (0.05, 0.35, 0.60)))
+    run_ticks(bot, 8, 15)
+    st = bot.status()
+    assert st["hmm"]["primary"]["confidence"] == 0.55  # raw, unchanged
+    assert st["hmm"]["policy"]["raw_confidence"] == 0.55
+    assert st["hmm"]["policy"]["confidence_modifier"] == 0.70
+    assert st["hmm"]["policy"]["effective_confidence"] == pytest.approx(0.385)
+    assert st["regime_tier"]["mechanical"]["tier"] == 1  # 0.385 < 0.50: not tier 2
+    assert st["regime_tier"]["mechanical"]["direction"] == "long_bias"
+    row = bot.store.tier_transitions("XDGUSD")[0]
+    assert (row["to_tier"], row["raw_confidence"], row["effective_confidence"]) == (1, 0.55, pytest.approx(0.385))
+    assert "to tier 1" in row["reason"]
+    bot.store.close()
+
+
+def test_consensus_modifier_is_the_smaller_of_the_two(tmp_path):
+    bot = make_sim_bot(tmp_path / "c.sqlite3")
+    bot.tick()
+    st = bot.status()
+    assert st["hmm"]["policy"]["source"] == "consensus"
+    assert st["hmm"]["policy"]["confidence_modifier"] == min(0.70, 0.85)
+    bot.store.close()
+
+
+def test_regime_history_is_appended_each_evaluation_and_trimmed_to_30_minutes(tmp_path):
+    bot = make_sim_bot(tmp_path / "h.sqlite3")
+    run_ticks(bot, 4 * 60 * 2, 15)  # two simulated hours, four cycles a minute
+    history = bot.status()["regime_history_30m"]
+    now = bot.clock.now()
+    assert all(now - 1800 <= e["ts"] <= now for e in history)
+    # One evaluation per new 1-minute candle: about 30 entries in 30 minutes.
+    assert 29 <= len(history) <= 32
+    assert set(history[-1]) == {"ts", "regime", "conf"}
+    assert history[-1]["regime"] == bot.status()["hmm"]["policy"]["regime"]
+    bot.store.close()
+
+
+def test_shadow_mode_pins_tier_0_and_shows_what_would_be(tmp_path):
+    bot = make_sim_bot(tmp_path / "s.sqlite3", HMM_SECONDARY_ENABLED=False, REGIME_DIRECTIONAL_ENABLED=False,
+                       REGIME_MIN_DWELL_SEC=0)  # fmt: skip
+    bot.tick()
+    fixed_signal(bot, RegimeSignal(BULLISH, 0.95, 0.9, (0.0, 0.05, 0.95)))
+    run_ticks(bot, 8, 15)
+    tier = bot.status()["regime_tier"]
+    assert tier["mechanical"]["tier"] == 0 and tier["mechanical"]["direction"] == "symmetric"
+    assert tier["mechanical"]["shadow"] is True
+    assert tier["mechanical"]["would_be"]["tier"] == 2  # shallow: 0.95 * 0.70 = 0.665 >= 0.50
+    assert tier["effective"] == {"tier": 0, "direction": "symmetric", "source": "mechanical"}
+    assert bot.stats.tier_changes == 0
+    row = bot.store.tier_transitions("XDGUSD")[0]
+    assert row["shadow"] == 1
+
+
+def test_capacity_stop_blocks_upgrades(tmp_path):
+    bot = make_sim_bot(tmp_path / "cap.sqlite3", HMM_SECONDARY_ENABLED=False, REGIME_MIN_DWELL_SEC=0)
+    bot.capacity_band = "stop"
+    bot.tick()
+    fixed_signal(bot, RegimeSignal(BULLISH, 0.95, 0.9, (0.0, 0.05, 0.95)))
+    run_ticks(bot, 8, 15)
+    st = bot.status()["regime_tier"]
+    assert st["mechanical"]["tier"] == 0
+    assert "capacity stop blocks upgrade" in st["mechanical"]["held_because"]
+    assert st["capacity_band"] == "stop"
+    bot.capacity_band = "normal"
+    run_ticks(bot, 2, 15)
+    assert bot.status()["regime_tier"]["mechanical"]["tier"] == 2
+    assert bot.status()["regime_tier"]["suppressed_side"] == "A"
+
+
+def test_restart_restores_tier_state_and_models_without_retraining(tmp_path):
+    db = tmp_path / "r.sqlite3"
+    bot = make_sim_bot(db)
+    run_ticks(bot, 400, 15)
+    before = bot.status()
+    bot.shutdown()
+    bot.store.close()
+
+    again = make_sim_bot(db, start=int(bot.clock.now()))
+    assert again.primary.trained and again.secondary.trained
+    assert again.primary.trained_at == before["hmm"]["primary"]["last_trained_at"]
+    assert again.primary.detector.transition_matrix() == bot.primary.detector.transition_matrix()
+    assert again.tier_state == bot.tier_state
+    again.tick()
+    assert again.stats.retrains == []  # nothing retrained on start
+    after = again.status()
+    assert after["hmm"]["primary"]["training_depth"]["current_candles"] == before["hmm"]["primary"][
+        "training_depth"]["current_candles"]  # fmt: skip
+    assert after["regime_history_30m"][: len(before["regime_history_30m"]) - 2]  # restored, not empty
+    again.store.close()
+
+
+def test_an_unusable_snapshot_is_ignored_and_the_models_retrain(tmp_path):
+    db = tmp_path / "u.sqlite3"
+    bot = make_sim_bot(db)
+    bot.tick()
+    bot.shutdown()
+    snap = bot.store.load_state("snapshot:XDGUSD")
+    snap["models"]["primary"]["model"]["covars"] = {"shape": [1], "f64": "AAAAAAAAAAA="}
+    snap["tier"] = {"tier": 7, "direction": "sideways", "since": "x"}
+    bot.store.save_state("snapshot:XDGUSD", snap, 0)
+    bot.store.close()
+    again = make_sim_bot(db)
+    assert not again.primary.trained and again.secondary.trained
+    assert again.tier_state.tier == 0
+    again.tick()
+    assert [r["model"] for r in again.stats.retrains] == ["primary"]
+    again.store.close()
+
+
+def test_training_failure_keeps_the_last_good_model_and_is_reported(tmp_path):
+    bot = make_sim_bot(tmp_path / "f.sqlite3", HMM_SECONDARY_ENABLED=False)
+    bot.tick()
+    good = bot.primary.detector
+
+    def broken_fit(*args, **kwargs):
+        raise BadData("every initialisation of the HMM failed")
+
+    bot.primary._make_detector = lambda: type("D", (), {"fit": broken_fit})()
+    bot.clock.advance(86400)
+    bot.tick()
+    assert bot.primary.detector is good
+    st = bot.status()
+    assert "training failed" in st["hmm"]["primary"]["last_error"]
+    assert st["health"]["errors"][0]["source"] == "primary model"
+    assert bot.stats.retrains[-1]["ok"] is False
+    bot.clock.advance(60)
+    bot.tick()
+    assert len(bot.stats.retrains) == 2  # no retry storm: failures back off
+    bot.store.close()
+
+
+def test_market_outage_keeps_the_loop_cycling(tmp_path):
+    bot = make_sim_bot(tmp_path / "o.sqlite3")
+    run_ticks(bot, 10, 15)
+    real = bot.market.fetch_ohlc
+
+    def down(*args, **kwargs):
+        raise RetryLater("Kraken: EService:Unavailable")
+
+    bot.market.fetch_ohlc = down
+    cycles = bot.cycles
+    run_ticks(bot, 40, 15)  # ten minutes of outage
+    assert bot.cycles == cycles + 40
+    st = bot.status()
+    assert "EService:Unavailable" in st["hmm_data_pipeline"]["1m"]["last_error"]
+    assert st["hmm_data_pipeline"]["1m"]["status"] == "stale"
+    assert st["health"]["ok"] is False
+    assert st["hmm"]["primary"]["trained"]
+    bot.market.fetch_ohlc = real
+    run_ticks(bot, 8, 15)
+    st = bot.status()
+    assert st["hmm_data_pipeline"]["1m"]["status"] == "ok"
+    assert st["hmm_data_pipeline"]["1m"]["rows_available"] == 720 + 2 + 12  # the gap was filled
+    bot.store.close()
+
+
+def test_deep_decay_reports_raw_and_effective_samples(tmp_path, caplog):
+    caplog.set_level("INFO")
+    bot = make_sim_bot(tmp_path / "d.sqlite3", HMM_SECONDARY_ENABLED=False, HMM_DEEP_DECAY_ENABLED=True,
+                       HMM_DEEP_DECAY_HALFLIFE=200)  # fmt: skip
+    bot.tick()
+    d = depth(bot)
+    assert d["effective_samples"] > d["raw_samples"] > 0
+    record = bot.stats.retrains[0]
+    assert record["effective_samples"] == d["effective_samples"]
+    assert f"samples raw {d['raw_samples']} / effective {d['effective_samples']}" in caplog.text
+
+
+def test_decay_is_off_by_default(tmp_path):
+    bot = make_sim_bot(tmp_path / "nd.sqlite3", HMM_SECONDARY_ENABLED=False)
+    bot.tick()
+    d = depth(bot)
+    assert d["effective_samples"] == d["raw_samples"] == 720 - 35
+
+
+def test_status_payload_has_the_documented_shape(tmp_path):
+    bot = make_sim_bot(tmp_path / "st.sqlite3")
+    run_ticks(bot, 5, 15)
+    st = json.loads(json.dumps(bot.status(), allow_nan=False))
+    assert {"mode", "pair", "now", "price", "hmm", "hmm_data_pipeline", "regime_tier", "regime_history_30m",
+            "ai_regime_advisor", "grid", "health"} <= set(st)  # fmt: skip
+    assert set(st["hmm"]) == {"primary", "secondary", "consensus", "policy"}
+    for model in ("primary", "secondary"):
+        assert {"trained", "regime", "confidence", "bias_signal", "probabilities", "transition_matrix",
+                "last_trained_at", "training_depth"} <= set(st["hmm"][model])  # fmt: skip
+    assert set(st["hmm"]["policy"]) >= {"raw_confidence", "confidence_modifier", "effective_confidence", "regime",
+                                        "bias_signal", "source"}  # fmt: skip
+    assert set(st["regime_tier"]) >= {"mechanical", "effective", "suppressed_side"}
+    assert set(st["regime_tier"]["mechanical"]) >= {"tier", "direction", "since"}
+    assert st["regime_tier"]["effective"]["source"] == "mechanical"
+    assert set(st["hmm_data_pipeline"]) == {"1m", "15m"}
+    assert "training_depth" not in st["hmm_data_pipeline"]["1m"]
+    assert st["sim"]["true_regime"] in ("BEARISH", "RANGING", "BULLISH")
+    assert st["settings"]["API_TOKEN"] == ""
+    bot.store.close()

@@ -1,0 +1,141 @@
+"""A real ``python bot.py`` process: status, config errors, signals, restarts, crashes."""
+
+import json
+import re
+import sqlite3
+
+import pytest
+
+from conftest import ROOT
+
+SIM = ["--market", "sim", "--port", "0", "--log-level", "INFO"]
+
+
+def sim_args(tmp_path, speed="max", db="sim.sqlite3"):
+    return [*SIM, "--speed", speed, "--db", str(tmp_path / db)]
+
+
+def test_sim_serves_status_and_health_and_stops_cleanly(tmp_path, bot_process):
+    p = bot_process(sim_args(tmp_path))
+    p.wait_ready()
+    st = p.wait_status(lambda s: s["hmm"]["primary"]["trained"] and s["health"]["cycles"] > 20)
+    assert st["mode"] == "sim" and st["pair"] == "XDGUSD"
+    assert st["hmm"]["primary"]["training_depth"]["quality_tier"] in ("shallow", "baseline", "deep", "full")
+    assert st["regime_tier"]["mechanical"]["tier"] in (0, 1, 2)
+    code, health = p.get_json("/healthz")
+    assert code == 200 and health["ok"] is True
+    code, headers, page = p.request("GET", "/")
+    assert code == 200 and b"<html" in page.lower() and headers["Content-Type"].startswith("text/html")
+    code, _, body = p.request("POST", "/api/action", b'{"action": "ai_regime_override"}',
+                              {"Content-Type": "application/json"})  # fmt: skip
+    assert code == 400 and "unknown action" in json.loads(body)["error"]
+    assert p.terminate() == 0
+    assert "SIGTERM received: stopping" in p.output and "stopped cleanly" in p.output
+
+
+def test_restart_restores_tier_state_and_model_without_retraining(tmp_path, bot_process):
+    # Full depth at once, so nothing but the daily schedule could retrain; 300x keeps a day far away.
+    env = {"HMM_TRAINING_CANDLES": "720", "HMM_SECONDARY_TRAINING_CANDLES": "720"}
+    first = bot_process(sim_args(tmp_path, speed="300"), env=env)
+    first.wait_ready()
+    first.wait_status(lambda s: s["hmm"]["secondary"]["trained"] and s["health"]["cycles"] >= 10)
+    assert first.terminate() == 0
+    assert "primary model trained (initial)" in first.output
+
+    con = sqlite3.connect(tmp_path / "sim.sqlite3")
+    snap = json.loads(con.execute("SELECT data FROM bot_state WHERE key = 'snapshot:XDGUSD'").fetchone()[0])
+    con.close()
+
+    second = bot_process(sim_args(tmp_path, speed="300"), env=env)
+    second.wait_ready()
+    st = second.wait_status(lambda s: s["health"]["cycles"] >= 3)
+    log = second.output
+    assert "primary model restored from the snapshot" in log
+    assert "secondary model restored from the snapshot" in log
+    assert "model trained" not in log  # no retraining
+    tier = snap["tier"]
+    assert re.search(rf"tier state restored: tier {tier['tier']} {tier['direction']} since ", log)
+    assert st["hmm"]["primary"]["last_trained_at"] == snap["models"]["primary"]["trained_at"]
+    assert st["hmm"]["primary"]["training_depth"]["quality_tier"] == "full"
+    assert st["now"] >= snap["saved_at"]  # the simulation resumed where it stopped
+    assert second.terminate() == 0
+
+
+def test_kill_9_then_restart_leaves_a_readable_store(tmp_path, bot_process):
+    first = bot_process(sim_args(tmp_path))
+    first.wait_ready()
+    first.wait_status(lambda s: s["health"]["cycles"] > 200)
+    first.kill()
+    con = sqlite3.connect(tmp_path / "sim.sqlite3")
+    assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    stored = con.execute("SELECT COUNT(*) FROM ohlcv_candles").fetchone()[0]
+    assert stored > 1440
+    assert con.execute("SELECT data FROM bot_state WHERE key = 'snapshot:XDGUSD'").fetchone() is not None
+    con.close()
+    second = bot_process(sim_args(tmp_path))
+    second.wait_ready()
+    st = second.wait_status(lambda s: s["health"]["cycles"] >= 1)
+    assert st["hmm"]["primary"]["trained"]
+    assert st["hmm_data_pipeline"]["1m"]["rows_available"] >= min(stored, 4000) // 2
+    assert second.terminate() == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "fragments"),
+    [
+        ([], {"HMM_TRAINING_CANDLES": "abc"}, ["HMM_TRAINING_CANDLES='abc' is invalid", "an integer from 50 to 200000"]),
+        (["--speed", "fast"], {}, ["SIM_SPEED='fast' is invalid", "a number of at least 0.01"]),
+        (["--host", "0.0.0.0"], {}, ["HTTP_HOST='0.0.0.0' is not a loopback address: set API_TOKEN"]),
+        ([], {"REGIME_TIER2_CONFIDENCE": "0.1"}, ["REGIME_TIER2_CONFIDENCE=0.1 must be above"]),
+    ],
+)
+def test_bad_config_is_refused_with_a_clear_message(tmp_path, bot_process, args, env, fragments):
+    p = bot_process([*sim_args(tmp_path), *args], env=env)
+    assert p.proc.wait(30) == 2
+    for fragment in fragments:
+        assert fragment in p.output
+    assert "Traceback" not in p.output
+    assert not (tmp_path / "sim.sqlite3").exists()  # refused before touching anything
+
+
+def test_typo_in_dotenv_is_refused(tmp_path, bot_process):
+    (tmp_path / ".env").write_text("REGIME_MIN_DWEL_SEC=60\n")
+    p = bot_process(sim_args(tmp_path))
+    assert p.proc.wait(30) == 2
+    assert "REGIME_MIN_DWEL_SEC in .env is not a setting (did you mean REGIME_MIN_DWELL_SEC?)" in p.output
+
+
+def test_live_mode_is_refused_in_this_version(tmp_path, bot_process):
+    p = bot_process(["--live", "--port", "0", "--db", str(tmp_path / "live.sqlite3")])
+    assert p.proc.wait(30) == 2
+    assert "--live is not available in this version" in p.output
+
+
+def test_a_different_seed_cannot_reuse_a_simulation_store(tmp_path, bot_process):
+    first = bot_process(sim_args(tmp_path))
+    first.wait_ready()
+    assert first.terminate() == 0
+    second = bot_process([*sim_args(tmp_path), "--seed", "8"])
+    assert second.proc.wait(30) == 2
+    assert "this store holds a simulation with SIM_SEED=7" in second.output
+
+
+def test_api_token_is_required_on_api_paths(tmp_path, bot_process):
+    p = bot_process(sim_args(tmp_path), env={"API_TOKEN": "s3cret-token"})
+    p.wait_ready()
+    code, body = p.get_json("/api/status")
+    assert code == 401 and body["ok"] is False
+    p.wait_status(lambda s: s["health"]["cycles"] > 0, headers={"Authorization": "Bearer s3cret-token"})
+    assert p.request("GET", "/")[0] == 200
+    assert "s3cret-token" not in p.output  # never logged
+    assert p.terminate() == 0
+
+
+def test_help_documents_every_flag(tmp_path, bot_process):
+    p = bot_process(["--help"])
+    assert p.proc.wait(30) == 0
+    for flag in ("--market", "--replay", "--live", "--host", "--port", "--db", "--speed", "--seed", "--report",
+                 "--serve", "--log-level", "--env-file"):  # fmt: skip
+        assert flag in p.output
+    source = (ROOT / "bot.py").read_text()
+    assert set(re.findall(r'add_argument\("(--[a-z-]+)"', source)) <= set(re.findall(r"--[a-z-]+", p.output))

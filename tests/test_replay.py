@@ -1,0 +1,111 @@
+import json
+
+import pytest
+
+from candles import Candle, read_candles_csv
+from clock import SimClock
+from conftest import DOGE_1M
+from errors import BadData
+from market_sim import generate
+from replay import ReplayMarket
+
+START = 1_767_225_600
+
+
+def write_csv(path, candles):
+    with open(path, "w") as f:
+        f.write("time,open,high,low,close,volume\n")
+        for c in candles:
+            f.write(f"{c.time},{c.open},{c.high},{c.low},{c.close},{c.volume}\n")
+
+
+def test_csv_reader_round_trip(tmp_path):
+    candles, _ = generate(100, seed=1)
+    write_csv(tmp_path / "c.csv", candles)
+    back = read_candles_csv(tmp_path / "c.csv")
+    assert [(c.time, c.close) for c in back] == [(c.time, c.close) for c in candles]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("a,b,c\n1,2,3\n", "the header must be"),
+        ("time,open,high,low,close,volume\n60,1,1,1,x,1\n", r":2: not a candle row"),
+        ("time,open,high,low,close,volume\n60,1,1,1,1,1\n60,1,1,1,1,1\n", r":3: times must be strictly ascending"),
+        ("time,open,high,low,close,volume\n60,1,0.5,1,1,1\n", r":2: high/low do not bracket"),
+        ("time,open,high,low,close,volume\n60,-1,1,-1,1,1\n", r":2: prices must be finite and positive"),
+        ("time,open,high,low,close,volume\n", "no candles"),
+    ],
+)
+def test_csv_reader_rejects_bad_files_with_the_line(tmp_path, text, message):
+    path = tmp_path / "bad.csv"
+    path.write_text(text)
+    with pytest.raises(BadData, match=message):
+        read_candles_csv(path)
+
+
+def test_missing_file_is_bad_data(tmp_path):
+    with pytest.raises(BadData, match="cannot read"):
+        read_candles_csv(tmp_path / "nope.csv")
+
+
+def test_replay_market_reveals_nothing_of_the_future():
+    candles, _ = generate(3000, seed=2)
+    clock = SimClock(candles[0].time + 60)
+    market = ReplayMarket(clock, candles)
+    assert market.start_time == candles[0].time + 60
+    page = market.fetch_ohlc(1)
+    assert page.closed == candles[:1]
+    assert page.forming.time == candles[1].time
+    o = candles[1].open
+    assert (page.forming.open, page.forming.high, page.forming.low, page.forming.close) == (o, o, o, o)
+    clock.advance(60 * 1000)
+    page = market.fetch_ohlc(1)
+    assert len(page.closed) == 720 and page.closed[-1] == candles[1000]
+    assert market.fetch_ohlc(1, since=candles[998].time).closed == candles[999:1001]
+    fifteen = market.fetch_ohlc(15).closed
+    assert all(c.time + 900 <= clock.now() for c in fifteen)
+    assert not market.finished
+    clock.advance(60 * 2000)
+    assert market.finished
+
+
+def test_replay_market_rejects_candles_that_are_not_one_minute():
+    with pytest.raises(BadData, match="1-minute candles"):
+        ReplayMarket(SimClock(0), [Candle(60, 1, 1, 1, 1, 1), Candle(90, 1, 1, 1, 1, 1)])
+
+
+def test_replay_subprocess_writes_the_report(tmp_path, bot_process):
+    candles, _ = generate(3 * 1440, seed=11)
+    csv = tmp_path / "sim.csv"
+    write_csv(csv, candles)
+    report_path = tmp_path / "out" / "report.json"
+    p = bot_process(["--replay", str(csv), "--report", str(report_path), "--log-level", "INFO"])
+    assert p.proc.wait(120) == 0, p.output
+    report = json.loads(report_path.read_text())
+    assert report["candles"] == len(candles)
+    assert report["simulated_span_sec"] == (len(candles) - 1) * 60
+    assert report["wall_sec"] > 0
+    assert sum(report["tier_share"].values()) == pytest.approx(1.0, abs=1e-3)
+    assert isinstance(report["tier_changes"], int)
+    retrains = report["retrains"]
+    primary = [r for r in retrains if r["model"] == "primary"]
+    # Cold start in replay: nothing before 500 candles, then the tiers climb.
+    assert primary[0]["reason"] == "initial" and primary[0]["candles"] == 500
+    assert primary[0]["quality_tier"] == "shallow"
+    assert [r["quality_tier"] for r in primary if r["reason"] == "tier_improvement"] == ["baseline", "deep", "full"]
+    assert all({"time", "model", "candles", "quality_tier"} <= set(r) for r in retrains)
+    assert "replay of 4320 candles done" in p.output
+
+
+@pytest.mark.skipif(not DOGE_1M.exists(), reason=f"real data not found at {DOGE_1M}")
+def test_replay_of_real_doge_candles(tmp_path, bot_process):
+    lines = DOGE_1M.read_text().splitlines()[: 1 + 6000]
+    csv = tmp_path / "doge.csv"
+    csv.write_text("\n".join(lines) + "\n")
+    p = bot_process(["--replay", str(csv), "--report", str(tmp_path / "r.json")])
+    assert p.proc.wait(180) == 0, p.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["candles"] == 6000
+    assert report["first_candle_time"] == 1679666400
+    assert {r["quality_tier"] for r in report["retrains"] if r["model"] == "primary"} >= {"shallow", "baseline"}

@@ -1,0 +1,115 @@
+"""Store contract tests. Every backend must pass them (the ``store`` fixture is parametrised)."""
+
+import math
+import sqlite3
+
+import pytest
+
+from candles import Candle
+from errors import ConfigError
+from store import SQLiteStore
+
+PAIR = "XDGUSD"
+
+
+def candles(start: int, n: int, step: int = 60, price: float = 0.08) -> list[Candle]:
+    return [Candle(start + i * step, price, price * 1.01, price * 0.99, price, 1000.0 + i, i) for i in range(n)]
+
+
+@pytest.fixture(params=["sqlite-file", "sqlite-memory"])
+def store(request, tmp_path):
+    s = SQLiteStore(tmp_path / "store.sqlite3" if request.param == "sqlite-file" else ":memory:")
+    yield s
+    s.close()
+
+
+def test_upsert_is_idempotent_and_updates_on_the_key(store):
+    batch = candles(1_000_020, 50)
+    store.upsert_candles(PAIR, 1, batch)
+    store.upsert_candles(PAIR, 1, batch)
+    assert store.count_candles(PAIR, 1) == 50
+    changed = batch[10]._replace(close=0.09, high=0.095)
+    store.upsert_candles(PAIR, 1, [changed])
+    assert store.count_candles(PAIR, 1) == 50
+    assert store.load_candles(PAIR, 1, 50)[10] == changed
+
+
+def test_load_returns_the_newest_rows_oldest_first(store):
+    store.upsert_candles(PAIR, 1, list(reversed(candles(1_000_020, 100))))
+    rows = store.load_candles(PAIR, 1, 30)
+    assert [c.time for c in rows] == [1_000_020 + 60 * i for i in range(70, 100)]
+    assert len(store.load_candles(PAIR, 1, 1000)) == 100
+    assert store.load_candles(PAIR, 1, 0) == []
+    assert all(isinstance(c, Candle) for c in rows)
+
+
+def test_pairs_and_intervals_are_separate(store):
+    store.upsert_candles(PAIR, 1, candles(1_000_020, 10))
+    store.upsert_candles(PAIR, 15, candles(1_000_800, 4, step=900))
+    store.upsert_candles("XBTUSD", 1, candles(1_000_020, 3))
+    assert store.count_candles(PAIR, 1) == 10
+    assert store.count_candles(PAIR, 15) == 4
+    assert store.count_candles("XBTUSD", 1) == 3
+    assert store.count_candles("ETHUSD", 1) == 0
+
+
+def test_prune_respects_retention_and_keeps_the_training_target(store):
+    store.upsert_candles(PAIR, 1, candles(1_000_020, 100))
+    cutoff = 1_000_020 + 60 * 80  # retention would leave only 20 rows
+    removed = store.prune_candles(PAIR, 1, older_than=cutoff, keep_newest=50)
+    assert removed == 50
+    rows = store.load_candles(PAIR, 1, 1000)
+    assert len(rows) == 50 and rows[0].time == 1_000_020 + 60 * 50
+    removed = store.prune_candles(PAIR, 1, older_than=cutoff, keep_newest=10)
+    assert removed == 30
+    assert store.count_candles(PAIR, 1) == 20
+    assert store.prune_candles(PAIR, 1, older_than=cutoff, keep_newest=1000) == 0
+    assert store.prune_candles("NOPE", 1, older_than=cutoff, keep_newest=0) == 0
+
+
+def test_state_round_trip_and_replace(store):
+    assert store.load_state("snapshot:XDGUSD") is None
+    store.save_state("snapshot:XDGUSD", {"tier": 2, "nested": {"a": [1, 2.5, None]}}, 100.0)
+    assert store.load_state("snapshot:XDGUSD") == {"tier": 2, "nested": {"a": [1, 2.5, None]}}
+    store.save_state("snapshot:XDGUSD", {"tier": 1}, 200.0)
+    assert store.load_state("snapshot:XDGUSD") == {"tier": 1}
+
+
+def test_a_state_that_is_not_json_safe_changes_nothing(store):
+    store.save_state("k", {"ok": 1}, 1.0)
+    with pytest.raises(ValueError):
+        store.save_state("k", {"bad": math.nan}, 2.0)
+    assert store.load_state("k") == {"ok": 1}
+
+
+def test_tier_transitions_are_recorded_newest_first(store):
+    for i in range(3):
+        store.record_tier_transition({
+            "ts": 100.0 + i, "pair": PAIR, "from_tier": i, "to_tier": i + 1, "from_direction": "symmetric",
+            "to_direction": "long_bias", "reason": f"r{i}", "regime": "BULLISH", "raw_confidence": 0.5,
+            "effective_confidence": 0.4, "bias_signal": 0.3, "shadow": 0,
+        })  # fmt: skip
+    rows = store.tier_transitions(PAIR)
+    assert [r["reason"] for r in rows] == ["r2", "r1", "r0"]
+    assert rows[0]["to_tier"] == 3 and rows[0]["effective_confidence"] == 0.4
+    assert store.tier_transitions("XBTUSD") == []
+
+
+def test_sqlite_file_is_wal_and_survives_reopening(tmp_path):
+    path = tmp_path / "sub" / "bot.sqlite3"
+    s = SQLiteStore(path)
+    s.upsert_candles(PAIR, 1, candles(1_000_020, 5))
+    s.save_state("k", {"v": 1}, 1.0)
+    s.close()
+    assert sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    again = SQLiteStore(path)
+    assert again.count_candles(PAIR, 1) == 5
+    assert again.load_state("k") == {"v": 1}
+    again.close()
+
+
+def test_unreadable_store_is_a_clear_config_error(tmp_path):
+    path = tmp_path / "garbage.sqlite3"
+    path.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(ConfigError, match="cannot open the store at .*garbage.sqlite3"):
+        SQLiteStore(path)
