@@ -25,6 +25,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable, Sequence
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -74,7 +75,7 @@ def bench_fit(results: dict) -> None:
     for _name, candles in sets:
         times += timed(lambda c=candles: RegimeDetector().fit(c), 1)
     results["fit_4000_sec"] = {"median": statistics.median(times), "max": max(times), "n": len(times)}
-    line("fit, median over %d windows" % len(times), f"{statistics.median(times):.3f} s", "(target: well under 1 s)")
+    line(f"fit, median over {len(times)} windows", f"{statistics.median(times):.3f} s", "(target: well under 1 s)")
     line("fit, slowest", f"{max(times):.3f} s")
 
 
@@ -94,10 +95,15 @@ def bench_inference_and_cycle(results: dict) -> None:
         bot = trained_bot(os.path.join(tmp, "b.sqlite3"))
         slots = bot.slots()
         inference = timed(lambda: [s.evaluate() for s in slots], 2000)
-        results["inference_both_models_ms"] = {"median": statistics.median(inference) * 1e3,
-                                                "p99": pct(inference, 99) * 1e3}  # fmt: skip
-        line("one inference cycle, both models (median)", f"{statistics.median(inference) * 1e3:.3f} ms",
-             "(target: < 10 ms)")  # fmt: skip
+        results["inference_both_models_ms"] = {
+            "median": statistics.median(inference) * 1e3,
+            "p99": pct(inference, 99) * 1e3,
+        }
+        line(
+            "one inference cycle, both models (median)",
+            f"{statistics.median(inference) * 1e3:.3f} ms",
+            "(target: < 10 ms)",
+        )
         line("one inference cycle, both models (p99)", f"{pct(inference, 99) * 1e3:.3f} ms")
         window = bot.pipeline.window(1)
         batch = timed(lambda: bot.primary.detector.infer(window), 500)
@@ -113,8 +119,11 @@ def bench_inference_and_cycle(results: dict) -> None:
                 cycles.pop()  # a training cycle is not part of this figure
         status = timed(bot.status, 500)
         bot.store.close()
-    results["main_loop_cycle_ms"] = {"median": statistics.median(cycles) * 1e3, "p99": pct(cycles, 99) * 1e3,
-                                     "n": len(cycles)}  # fmt: skip
+    results["main_loop_cycle_ms"] = {
+        "median": statistics.median(cycles) * 1e3,
+        "p99": pct(cycles, 99) * 1e3,
+        "n": len(cycles),
+    }
     line(f"main-loop cycle, {len(cycles)} cycles (median)", f"{statistics.median(cycles) * 1e3:.3f} ms")
     line("main-loop cycle (p99)", f"{pct(cycles, 99) * 1e3:.3f} ms", "(target: p99 < 20 ms)")
     line("building the status payload (median)", f"{statistics.median(status) * 1e3:.3f} ms")
@@ -126,8 +135,14 @@ def bench_inference_and_cycle(results: dict) -> None:
 class Proc:
     def __init__(self, args: list[str], cwd: str, env: dict | None = None) -> None:
         full_env = {"PATH": os.environ.get("PATH", ""), "HOME": cwd, "PYTHONUNBUFFERED": "1", **(env or {})}
-        self.p = subprocess.Popen([sys.executable, str(ROOT / "bot.py"), *args], cwd=cwd, env=full_env,
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        self.p = subprocess.Popen(
+            [sys.executable, str(ROOT / "bot.py"), *args],
+            cwd=cwd,
+            env=full_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         self.lines: list[str] = []
         threading.Thread(target=self._read, daemon=True).start()
 
@@ -163,8 +178,10 @@ def bench_status_latency(results: dict) -> None:
     print("GET /api/status from another process while the loop runs (python bot.py --market sim)")
     for speed in ("60", "max"):
         with tempfile.TemporaryDirectory() as tmp:
-            proc = Proc(["--market", "sim", "--speed", speed, "--port", "0", "--db", f"{tmp}/s.sqlite3",
-                         "--log-level", "INFO"], tmp)  # fmt: skip
+            proc = Proc(
+                ["--market", "sim", "--speed", speed, "--port", "0", "--db", f"{tmp}/s.sqlite3", "--log-level", "INFO"],
+                tmp,
+            )
             port = proc.port()
             while status_once(port)["health"]["cycles"] < 5:
                 time.sleep(0.1)
@@ -198,11 +215,15 @@ def bench_replay(results: dict) -> None:
         report = json.loads(report_path.read_text())
     primary = [r for r in report["retrains"] if r["model"] == "primary"]
     results["replay"] = {
-        "process_wall_sec": wall, "loop_wall_sec": report["wall_sec"], "candles": report["candles"],
-        "retrains": len(report["retrains"]), "retrain_sec": sum(r["duration_sec"] for r in report["retrains"]),
-        "tier_share": report["tier_share"], "tier_changes": report["tier_changes"],
+        "process_wall_sec": wall,
+        "loop_wall_sec": report["wall_sec"],
+        "candles": report["candles"],
+        "retrains": len(report["retrains"]),
+        "retrain_sec": sum(r["duration_sec"] for r in report["retrains"]),
+        "tier_share": report["tier_share"],
+        "tier_changes": report["tier_changes"],
         "tier_changes_per_day": report["tier_changes_per_day"],
-    }  # fmt: skip
+    }
     line(f"{report['candles']} candles, whole process", f"{wall:.1f} s", "(target: < 60 s)")
     line("  of which the loop (report wall_sec)", f"{report['wall_sec']:.1f} s")
     line(f"  of which {len(report['retrains'])} retrains", f"{results['replay']['retrain_sec']:.1f} s")
@@ -214,8 +235,9 @@ def bench_replay(results: dict) -> None:
 def bench_memory(results: dict, seconds: float) -> None:
     print(f"Resident memory of python bot.py --market sim --speed max over {seconds:.0f} s of wall time")
     with tempfile.TemporaryDirectory() as tmp:
-        proc = Proc(["--market", "sim", "--speed", "max", "--port", "0", "--db", f"{tmp}/m.sqlite3",
-                     "--log-level", "INFO"], tmp)  # fmt: skip
+        proc = Proc(
+            ["--market", "sim", "--speed", "max", "--port", "0", "--db", f"{tmp}/m.sqlite3", "--log-level", "INFO"], tmp
+        )
         port = proc.port()
         samples = []
         start = time.monotonic()
@@ -227,13 +249,23 @@ def bench_memory(results: dict, seconds: float) -> None:
     sim_days = (st["now"] - SIM_START) / 86400
     rss = [r for _, r in samples]
     half = len(rss) // 2
-    results["memory_mb"] = {"first": rss[0], "max": max(rss), "last": rss[-1],
-                            "median_first_half": statistics.median(rss[:half]),
-                            "median_second_half": statistics.median(rss[half:]), "simulated_days": sim_days}  # fmt: skip
-    line(f"simulated {sim_days:.1f} days; RSS first / max / last", f"{rss[0]:.0f} / {max(rss):.0f} / {rss[-1]:.0f} MB",
-         "(target: < 250 MB, flat)")  # fmt: skip
-    line("median RSS, first half vs second half",
-         f"{statistics.median(rss[:half]):.0f} vs {statistics.median(rss[half:]):.0f} MB")  # fmt: skip
+    results["memory_mb"] = {
+        "first": rss[0],
+        "max": max(rss),
+        "last": rss[-1],
+        "median_first_half": statistics.median(rss[:half]),
+        "median_second_half": statistics.median(rss[half:]),
+        "simulated_days": sim_days,
+    }
+    line(
+        f"simulated {sim_days:.1f} days; RSS first / max / last",
+        f"{rss[0]:.0f} / {max(rss):.0f} / {rss[-1]:.0f} MB",
+        "(target: < 250 MB, flat)",
+    )
+    line(
+        "median RSS, first half vs second half",
+        f"{statistics.median(rss[:half]):.0f} vs {statistics.median(rss[half:]):.0f} MB",
+    )
 
 
 # --- detector quality -------------------------------------------------------------------
@@ -249,7 +281,7 @@ def balanced_accuracy(truth: Sequence[str], pred: Sequence[str]) -> float:
 
 
 def switches(labels: Sequence[str]) -> int:
-    return sum(1 for a, b in zip(labels, labels[1:]) if a != b)
+    return sum(1 for a, b in pairwise(labels) if a != b)
 
 
 def bench_quality(results: dict, seeds: Sequence[int]) -> None:
@@ -269,34 +301,49 @@ def bench_quality(results: dict, seeds: Sequence[int]) -> None:
         ema_cross = [BULLISH if x > 0 else BEARISH for x in spread]
         band = float(np.median(np.abs(spread)))
         ema_band = [BULLISH if x > band else BEARISH if x < -band else RANGING for x in spread]
-        rows.append({
-            "seed": seed, "true_switches": switches(truth),
-            "hmm": {"balanced_accuracy": balanced_accuracy(truth, preds), "switches": switches(preds),
-                    "median_confidence": float(np.median(confs))},
-            "ema_crossover": {"balanced_accuracy": balanced_accuracy(truth, ema_cross), "switches": switches(ema_cross)},
-            "ema_band": {"balanced_accuracy": balanced_accuracy(truth, ema_band), "switches": switches(ema_band)},
-        })  # fmt: skip
+        rows.append(
+            {
+                "seed": seed,
+                "true_switches": switches(truth),
+                "hmm": {
+                    "balanced_accuracy": balanced_accuracy(truth, preds),
+                    "switches": switches(preds),
+                    "median_confidence": float(np.median(confs)),
+                },
+                "ema_crossover": {
+                    "balanced_accuracy": balanced_accuracy(truth, ema_cross),
+                    "switches": switches(ema_cross),
+                },
+                "ema_band": {"balanced_accuracy": balanced_accuracy(truth, ema_band), "switches": switches(ema_band)},
+            }
+        )
     results["detector_quality"] = rows
-    print(f"  {'seed':>4} {'true sw':>8} | {'HMM bal.acc':>11} {'HMM sw':>7} {'med conf':>8} | "
-          f"{'EMA x bal.acc':>13} {'EMA x sw':>8} | {'EMA band bal.acc':>16} {'sw':>5}")  # fmt: skip
+    print(
+        f"  {'seed':>4} {'true sw':>8} | {'HMM bal.acc':>11} {'HMM sw':>7} {'med conf':>8} | "
+        f"{'EMA x bal.acc':>13} {'EMA x sw':>8} | {'EMA band bal.acc':>16} {'sw':>5}"
+    )
     for r in rows:
-        print(f"  {r['seed']:>4} {r['true_switches']:>8} | {r['hmm']['balanced_accuracy']:>11.3f} "
-              f"{r['hmm']['switches']:>7} {r['hmm']['median_confidence']:>8.3f} | "
-              f"{r['ema_crossover']['balanced_accuracy']:>13.3f} {r['ema_crossover']['switches']:>8} | "
-              f"{r['ema_band']['balanced_accuracy']:>16.3f} {r['ema_band']['switches']:>5}")  # fmt: skip
+        print(
+            f"  {r['seed']:>4} {r['true_switches']:>8} | {r['hmm']['balanced_accuracy']:>11.3f} "
+            f"{r['hmm']['switches']:>7} {r['hmm']['median_confidence']:>8.3f} | "
+            f"{r['ema_crossover']['balanced_accuracy']:>13.3f} {r['ema_crossover']['switches']:>8} | "
+            f"{r['ema_band']['balanced_accuracy']:>16.3f} {r['ema_band']['switches']:>5}"
+        )
 
     def mean(path):
         vals = [r[path[0]][path[1]] if len(path) == 2 else r[path[0]] for r in rows]
         return float(np.mean(vals))
 
-    print(f"  mean: HMM balanced accuracy {mean(('hmm', 'balanced_accuracy')):.3f}, "
-          f"switches {mean(('hmm', 'switches')):.0f} vs true {mean(('true_switches',)):.0f} "
-          f"({mean(('hmm', 'switches')) / max(mean(('true_switches',)), 1):.1f}x), "
-          f"median confidence {mean(('hmm', 'median_confidence')):.3f}; "
-          f"EMA crossover {mean(('ema_crossover', 'balanced_accuracy')):.3f} "
-          f"({mean(('ema_crossover', 'switches')):.0f} switches); "
-          f"EMA with a dead band {mean(('ema_band', 'balanced_accuracy')):.3f} "
-          f"({mean(('ema_band', 'switches')):.0f} switches)")  # fmt: skip
+    print(
+        f"  mean: HMM balanced accuracy {mean(('hmm', 'balanced_accuracy')):.3f}, "
+        f"switches {mean(('hmm', 'switches')):.0f} vs true {mean(('true_switches',)):.0f} "
+        f"({mean(('hmm', 'switches')) / max(mean(('true_switches',)), 1):.1f}x), "
+        f"median confidence {mean(('hmm', 'median_confidence')):.3f}; "
+        f"EMA crossover {mean(('ema_crossover', 'balanced_accuracy')):.3f} "
+        f"({mean(('ema_crossover', 'switches')):.0f} switches); "
+        f"EMA with a dead band {mean(('ema_band', 'balanced_accuracy')):.3f} "
+        f"({mean(('ema_band', 'switches')):.0f} switches)"
+    )
 
 
 def bench_sim_tiers(results: dict) -> None:
@@ -316,8 +363,11 @@ def bench_sim_tiers(results: dict) -> None:
         total = sum(bot.stats.tier_seconds.values())
         share = {t: s / total for t, s in bot.stats.tier_seconds.items()}
         bot.store.close()
-    results["sim_tiers"] = {"tier_share": share, "tier_changes_per_day": bot.stats.tier_changes / 3,
-                            "directional_while_truly_ranging": directional_when_ranging / max(ranging, 1)}  # fmt: skip
+    results["sim_tiers"] = {
+        "tier_share": share,
+        "tier_changes_per_day": bot.stats.tier_changes / 3,
+        "directional_while_truly_ranging": directional_when_ranging / max(ranging, 1),
+    }
     line("time share tier 0/1/2", " / ".join(f"{v:.1%}" for v in share.values()))
     line("tier changes per day", f"{bot.stats.tier_changes / 3:.1f}")
     line("share of truly ranging time spent at tier >= 1", f"{directional_when_ranging / max(ranging, 1):.1%}")

@@ -100,25 +100,33 @@ class Bot:
 
         decay = {"decay_enabled": s.HMM_DEEP_DECAY_ENABLED, "decay_halflife": s.HMM_DEEP_DECAY_HALFLIFE}
         self.primary = ModelSlot(
-            SlotSpec("primary", 1, s.HMM_TRAINING_CANDLES, s.HMM_MIN_TRAIN_SAMPLES,
-                     s.HMM_RETRAIN_INTERVAL_SEC, **decay),
+            SlotSpec(
+                "primary", 1, s.HMM_TRAINING_CANDLES, s.HMM_MIN_TRAIN_SAMPLES, s.HMM_RETRAIN_INTERVAL_SEC, **decay
+            ),
             detector(s.HMM_RECENT_CANDLES),
-        )  # fmt: skip
+        )
         self.secondary = (
             ModelSlot(
-                SlotSpec("secondary", 15, s.HMM_SECONDARY_TRAINING_CANDLES, s.HMM_SECONDARY_MIN_TRAIN_SAMPLES,
-                         s.HMM_RETRAIN_INTERVAL_SEC, **decay),
+                SlotSpec(
+                    "secondary",
+                    15,
+                    s.HMM_SECONDARY_TRAINING_CANDLES,
+                    s.HMM_SECONDARY_MIN_TRAIN_SAMPLES,
+                    s.HMM_RETRAIN_INTERVAL_SEC,
+                    **decay,
+                ),
                 detector(s.HMM_SECONDARY_RECENT_CANDLES),
-            )  # fmt: skip
+            )
             if s.HMM_SECONDARY_ENABLED
             else None
         )
         feeds = [FeedSpec(1, s.HMM_OHLCV_SYNC_INTERVAL_SEC, s.HMM_TRAINING_CANDLES, self.primary.window_size)]
         if self.secondary:
             feeds.append(
-                FeedSpec(15, s.HMM_SECONDARY_SYNC_INTERVAL_SEC, s.HMM_SECONDARY_TRAINING_CANDLES,
-                         self.secondary.window_size)
-            )  # fmt: skip
+                FeedSpec(
+                    15, s.HMM_SECONDARY_SYNC_INTERVAL_SEC, s.HMM_SECONDARY_TRAINING_CANDLES, self.secondary.window_size
+                )
+            )
         self.pipeline = CandlePipeline(store, market, s.PAIR, feeds, retention_days=s.OHLCV_RETENTION_DAYS)
         self.tier_settings = TierSettings(
             tier1_confidence=s.REGIME_TIER1_CONFIDENCE,
@@ -268,14 +276,21 @@ class Bot:
             "raw_confidence": round(self.policy.confidence, 6),
             "effective_confidence": round(effective, 6),
             "bias_signal": round(self.policy.bias_signal, 6),
-            "shadow": int(shadow),
+            "shadow": shadow,
         }
         self.transitions.appendleft(row)
         if not shadow:
             self.stats.tier_changes += 1
         self._dirty = True
-        log.info("%stier %d %s -> %d %s: %s", "[shadow] " if shadow else "", old.tier, old.direction,
-                 new.tier, new.direction, decision.reason)  # fmt: skip
+        log.info(
+            "%stier %d %s -> %d %s: %s",
+            "[shadow] " if shadow else "",
+            old.tier,
+            old.direction,
+            new.tier,
+            new.direction,
+            decision.reason,
+        )
         try:
             self.store.record_tier_transition(row)
         except Exception as exc:  # the transition already happened; losing the audit row is logged
@@ -295,7 +310,9 @@ class Bot:
     # snapshot -------------------------------------------------------------------
 
     def _save_snapshot_if_due(self, now: float) -> None:
-        due = self._last_snapshot_at is None or now - self._last_snapshot_at >= self.settings.STATE_SNAPSHOT_INTERVAL_SEC
+        due = (
+            self._last_snapshot_at is None or now - self._last_snapshot_at >= self.settings.STATE_SNAPSHOT_INTERVAL_SEC
+        )
         if self._dirty or due:
             self.save_snapshot(now)
 
@@ -305,12 +322,15 @@ class Bot:
             "pair": self.settings.PAIR,
             "mode": self.mode,
             "saved_at": now,
-            "tier": {"tier": self.tier_state.tier, "direction": self.tier_state.direction,
-                     "since": self.tier_state.since},
+            "tier": {
+                "tier": self.tier_state.tier,
+                "direction": self.tier_state.direction,
+                "since": self.tier_state.since,
+            },
             "pinned_since": self.pinned_since,
             "models": {slot.spec.name: slot.snapshot() for slot in self.slots()},
             "regime_history": self.history.to_list(),
-        }  # fmt: skip
+        }
 
     def save_snapshot(self, now: float) -> None:
         try:
@@ -340,8 +360,12 @@ class Bot:
         models = snap.get("models") or {}
         for slot in self.slots():
             if slot.restore(models.get(slot.spec.name)):
-                log.info("%s model restored from the snapshot (trained at %s, %d candles)",
-                         slot.spec.name, iso_utc(slot.trained_at), slot.trained_candles)  # fmt: skip
+                log.info(
+                    "%s model restored from the snapshot (trained at %s, %d candles)",
+                    slot.spec.name,
+                    iso_utc(slot.trained_at),
+                    slot.trained_candles,
+                )
         self.history.trim(self.clock.now())
 
     # status -------------------------------------------------------------------
@@ -395,7 +419,8 @@ class Bot:
             "grid": None,
             "sim": {"true_regime": self._truth()} if self._truth else None,
             "health": {
-                "ok": age is not None and age <= 3 * s.LOOP_INTERVAL_SEC
+                "ok": age is not None
+                and age <= 3 * s.LOOP_INTERVAL_SEC
                 and all(feed["status"] == "ok" for feed in pipeline.values()),
                 "cycles": self.cycles,
                 "last_cycle_at": self.last_cycle_at,
@@ -465,24 +490,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(see .env.example for every key).",
     )
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--market", choices=("kraken", "sim"), default="kraken",
-                      help="market data source: kraken (live public data, default) or sim "
-                      "(offline seeded regime-switching simulator on a simulated clock; its own store, "
-                      f"default {SIM_DB_DEFAULT})")  # fmt: skip
-    mode.add_argument("--replay", metavar="FILE.csv",
-                      help="run the bot over 1-minute candles (time,open,high,low,close,volume; unix "
-                      "seconds) on a simulated clock as fast as possible, write a JSON report, exit; "
-                      "uses an in-memory store unless --db is given")  # fmt: skip
-    mode.add_argument("--live", action="store_true",
-                      help="real orders on Kraken (not available in this version: paper only)")
+    mode.add_argument(
+        "--market",
+        choices=("kraken", "sim"),
+        default="kraken",
+        help="market data source: kraken (live public data, default) or sim "
+        "(offline seeded regime-switching simulator on a simulated clock; its own store, "
+        f"default {SIM_DB_DEFAULT})",
+    )
+    mode.add_argument(
+        "--replay",
+        metavar="FILE.csv",
+        help="run the bot over 1-minute candles (time,open,high,low,close,volume; unix "
+        "seconds) on a simulated clock as fast as possible, write a JSON report, exit; "
+        "uses an in-memory store unless --db is given",
+    )
+    mode.add_argument(
+        "--live", action="store_true", help="real orders on Kraken (not available in this version: paper only)"
+    )
     p.add_argument("--host", help="address to serve the dashboard/API on (HTTP_HOST, default 127.0.0.1)")
     p.add_argument("--port", help="port of the dashboard/API (HTTP_PORT, default 8080; 0 = any free port)")
     p.add_argument("--db", help="SQLite store path (DB_PATH for the kraken market)")
     p.add_argument("--speed", help="simulated seconds per wall second for --market sim, or 'max' (SIM_SPEED)")
     p.add_argument("--seed", help="simulator seed (SIM_SEED)")
     p.add_argument("--report", metavar="PATH", help="replay report path (default: FILE.report.json)")
-    p.add_argument("--serve", action="store_true",
-                   help="serve the dashboard during a replay and keep it up after it ends (until Ctrl-C)")
+    p.add_argument(
+        "--serve",
+        action="store_true",
+        help="serve the dashboard during a replay and keep it up after it ends (until Ctrl-C)",
+    )
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (LOG_LEVEL)")
     p.add_argument("--env-file", default=".env", help="settings file to read (default .env)")
     return p.parse_args(argv)
@@ -525,9 +561,13 @@ def build_app(args: argparse.Namespace, settings: Settings, stop_event: threadin
         store = SQLiteStore(args.db or s.DB_PATH)
         clock = WallClock(stop_event)
         market = KrakenPublicClient(
-            s.KRAKEN_API_URL, s.PAIR, now=clock.now, sleep=clock.sleep,
-            timeout=s.KRAKEN_TIMEOUT_SEC, max_retries=s.KRAKEN_MAX_RETRIES,
-        )  # fmt: skip
+            s.KRAKEN_API_URL,
+            s.PAIR,
+            now=clock.now,
+            sleep=clock.sleep,
+            timeout=s.KRAKEN_TIMEOUT_SEC,
+            max_retries=s.KRAKEN_MAX_RETRIES,
+        )
         mode = "paper"
 
     bot = Bot(s, mode=mode, clock=clock, market=market, store=store, truth=truth)
@@ -561,9 +601,12 @@ def _sim_resume_time(store: Store, s: Settings) -> float:
 def run(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     overrides = {
-        "HTTP_HOST": args.host, "HTTP_PORT": args.port, "SIM_SPEED": args.speed,
-        "SIM_SEED": args.seed, "LOG_LEVEL": args.log_level,
-    }  # fmt: skip
+        "HTTP_HOST": args.host,
+        "HTTP_PORT": args.port,
+        "SIM_SPEED": args.speed,
+        "SIM_SEED": args.seed,
+        "LOG_LEVEL": args.log_level,
+    }
     if args.db and not args.replay and args.market == "kraken":
         overrides["DB_PATH"] = args.db
     try:
@@ -599,17 +642,21 @@ def run(argv: list[str] | None = None) -> int:
         app.runner.publish()  # the API answers with the restored state from its first request
         if app.server:
             port = app.server.start()
-            log.info("dashboard on http://%s:%d/ (mode %s, pair %s)", settings.HTTP_HOST, port, app.bot.mode,
-                     settings.PAIR)  # fmt: skip
+            log.info(
+                "dashboard on http://%s:%d/ (mode %s, pair %s)", settings.HTTP_HOST, port, app.bot.mode, settings.PAIR
+            )
         wall_started = time.perf_counter()
         app.runner.run(app.until)
         wall_sec = time.perf_counter() - wall_started
         app.bot.shutdown()
         if app.replay:
             report = replay_report(
-                source=args.replay, market=app.replay, stats=app.bot.stats.__dict__,
-                final_status=app.board.status() or app.bot.status(), wall_sec=wall_sec,
-            )  # fmt: skip
+                source=args.replay,
+                market=app.replay,
+                stats=app.bot.stats.__dict__,
+                final_status=app.board.status() or app.bot.status(),
+                wall_sec=wall_sec,
+            )
             path = Path(args.report or f"{args.replay}.report.json")
             _write_json_atomically(path, report)
             log.info("replay of %d candles done in %.1fs; report written to %s", report["candles"], wall_sec, path)

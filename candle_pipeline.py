@@ -11,9 +11,9 @@ from __future__ import annotations
 import logging
 import sqlite3
 from collections import deque
-from itertools import islice
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import islice
 
 from candles import Candle, MarketData, candle_problem, merge_candles
 from errors import BadData, RetryLater

@@ -33,14 +33,14 @@ OWN_PREFIXES = ("HMM_", "REGIME_", "OHLCV_", "KRAKEN_", "SIM_", "CONSENSUS_")
 
 def _setting(
     default: Any,
-    help: str,
+    description: str,
     *,
     lo: float | None = None,
     hi: float | None = None,
     choices: tuple[str, ...] | None = None,
     secret: bool = False,
 ) -> Any:
-    meta = {"help": help, "lo": lo, "hi": hi, "choices": choices, "secret": secret}
+    meta = {"help": description, "lo": lo, "hi": hi, "choices": choices, "secret": secret}
     return field(default=default, metadata=meta)
 
 
@@ -50,55 +50,35 @@ class Settings:
     PAIR: str = _setting("XDGUSD", "Kraken pair name traded and stored")
     KRAKEN_API_URL: str = _setting("https://api.kraken.com", "Base URL of every Kraken call")
     KRAKEN_TIMEOUT_SEC: float = _setting(10.0, "HTTP timeout of one Kraken request", lo=1, hi=120)
-    KRAKEN_MAX_RETRIES: int = _setting(
-        3, "Retries of a Kraken request on rate limits and service errors", lo=0, hi=10
-    )
-    DB_PATH: str = _setting(
-        "data/bot.sqlite3", "SQLite store for the Kraken market (sim and replay use their own)"
-    )
+    KRAKEN_MAX_RETRIES: int = _setting(3, "Retries of a Kraken request on rate limits and service errors", lo=0, hi=10)
+    DB_PATH: str = _setting("data/bot.sqlite3", "SQLite store for the Kraken market (sim and replay use their own)")
     OHLCV_RETENTION_DAYS: int = _setting(
         14, "Prune stored candles older than this (never below the training target)", lo=1, hi=3650
     )
     # --- loop, server, logging ----------------------------------------------
     LOOP_INTERVAL_SEC: float = _setting(15.0, "Seconds between main-loop cycles", lo=1, hi=300)
-    STATE_SNAPSHOT_INTERVAL_SEC: float = _setting(
-        60.0, "Write the state snapshot at least this often", lo=5, hi=3600
-    )
+    STATE_SNAPSHOT_INTERVAL_SEC: float = _setting(60.0, "Write the state snapshot at least this often", lo=5, hi=3600)
     HTTP_HOST: str = _setting("127.0.0.1", "Address the dashboard and API bind to")
     HTTP_PORT: int = _setting(8080, "Port of the dashboard and API (0 picks a free one)", lo=0, hi=65535)
     API_TOKEN: str = _setting("", "Bearer token required on /api/* (required off loopback)", secret=True)
     LOG_LEVEL: str = _setting("INFO", "Logging level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     # --- simulator ----------------------------------------------------------
     SIM_SEED: int = _setting(7, "Seed of the market simulator", lo=0, hi=2**32 - 1)
-    SIM_SPEED: float = _setting(
-        1.0, "Simulated seconds per wall second in --market sim ('max' = no waiting)", lo=0.01
-    )
+    SIM_SPEED: float = _setting(1.0, "Simulated seconds per wall second in --market sim ('max' = no waiting)", lo=0.01)
     SIM_START: int = _setting(
         1_767_225_600, "Unix time at which a fresh simulation starts", lo=946_684_800, hi=4_102_444_800
     )
     # --- HMM data and training ----------------------------------------------
     HMM_OHLCV_SYNC_INTERVAL_SEC: float = _setting(60.0, "Sync cadence of 1m candles", lo=10, hi=3600)
-    HMM_SECONDARY_SYNC_INTERVAL_SEC: float = _setting(
-        300.0, "Sync cadence of 15m candles", lo=60, hi=3600
-    )
+    HMM_SECONDARY_SYNC_INTERVAL_SEC: float = _setting(300.0, "Sync cadence of 15m candles", lo=60, hi=3600)
     HMM_TRAINING_CANDLES: int = _setting(4000, "Target training depth of the 1m model", lo=50, hi=200_000)
-    HMM_SECONDARY_TRAINING_CANDLES: int = _setting(
-        1440, "Target training depth of the 15m model", lo=50, hi=50_000
-    )
+    HMM_SECONDARY_TRAINING_CANDLES: int = _setting(1440, "Target training depth of the 15m model", lo=50, hi=50_000)
     HMM_MIN_TRAIN_SAMPLES: int = _setting(500, "Fewest 1m candles to train on", lo=50, hi=200_000)
-    HMM_SECONDARY_MIN_TRAIN_SAMPLES: int = _setting(
-        200, "Fewest 15m candles to train on", lo=50, hi=50_000
-    )
+    HMM_SECONDARY_MIN_TRAIN_SAMPLES: int = _setting(200, "Fewest 15m candles to train on", lo=50, hi=50_000)
     HMM_RECENT_CANDLES: int = _setting(100, "1m candles in one inference window", lo=10, hi=2000)
-    HMM_SECONDARY_RECENT_CANDLES: int = _setting(
-        50, "15m candles in one inference window", lo=10, hi=2000
-    )
-    HMM_CONFIDENCE_THRESHOLD: float = _setting(
-        0.15, "Below this confidence a model's bias signal is 0", lo=0, hi=1
-    )
-    HMM_RETRAIN_INTERVAL_SEC: float = _setting(
-        86400.0, "Scheduled retrain period", lo=600, hi=30 * 86400
-    )
+    HMM_SECONDARY_RECENT_CANDLES: int = _setting(50, "15m candles in one inference window", lo=10, hi=2000)
+    HMM_CONFIDENCE_THRESHOLD: float = _setting(0.15, "Below this confidence a model's bias signal is 0", lo=0, hi=1)
+    HMM_RETRAIN_INTERVAL_SEC: float = _setting(86400.0, "Scheduled retrain period", lo=600, hi=30 * 86400)
     HMM_SECONDARY_ENABLED: bool = _setting(True, "Use the 15m model and 1m/15m consensus")
     HMM_N_ITER: int = _setting(100, "EM iterations per fit", lo=5, hi=2000)
     HMM_N_INIT: int = _setting(4, "Initialisations per fit; the best likelihood wins", lo=1, hi=20)
@@ -219,9 +199,7 @@ def _parse(key: str, value: Any) -> Any:
         raise ValueError(f"expected {_range_text(kind, meta)}") from None
     if kind is float and not math.isfinite(number):
         raise ValueError(f"expected {_range_text(kind, meta)}")
-    if (meta["lo"] is not None and number < meta["lo"]) or (
-        meta["hi"] is not None and number > meta["hi"]
-    ):
+    if (meta["lo"] is not None and number < meta["lo"]) or (meta["hi"] is not None and number > meta["hi"]):
         raise ValueError(f"expected {_range_text(kind, meta)}")
     return number
 
@@ -282,8 +260,7 @@ def _cross_checks(s: Settings) -> list[str]:
     )
     need(
         s.REGIME_HYSTERESIS < s.REGIME_TIER1_CONFIDENCE,
-        f"REGIME_HYSTERESIS={s.REGIME_HYSTERESIS} must be below "
-        f"REGIME_TIER1_CONFIDENCE={s.REGIME_TIER1_CONFIDENCE}",
+        f"REGIME_HYSTERESIS={s.REGIME_HYSTERESIS} must be below REGIME_TIER1_CONFIDENCE={s.REGIME_TIER1_CONFIDENCE}",
     )
     need(
         s.HMM_TRAINING_CANDLES >= s.HMM_MIN_TRAIN_SAMPLES,

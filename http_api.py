@@ -10,6 +10,7 @@ published :class:`StatusBoard` and never wait on the main loop.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import secrets
@@ -242,16 +243,16 @@ def make_handler(ctx: ApiContext) -> type[BaseHTTPRequestHandler]:
             if method != "HEAD":
                 self.wfile.write(resp.body)
 
-        def do_GET(self) -> None:  # noqa: N802 (http.server naming)
+        def do_GET(self) -> None:
             self._serve("GET")
 
-        def do_POST(self) -> None:  # noqa: N802
+        def do_POST(self) -> None:
             self._serve("POST")
 
-        def do_PUT(self) -> None:  # noqa: N802
+        def do_PUT(self) -> None:
             self._serve("PUT")
 
-        def do_DELETE(self) -> None:  # noqa: N802
+        def do_DELETE(self) -> None:
             self._serve("DELETE")
 
         def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
@@ -281,6 +282,21 @@ class ApiServer:
             address_family = family
             daemon_threads = True
 
+            def __init__(self, *args: Any) -> None:
+                super().__init__(*args)
+                self.open_sockets: set[socket.socket] = set()
+                self.sockets_lock = threading.Lock()
+
+            def process_request(self, request: Any, client_address: Any) -> None:
+                with self.sockets_lock:
+                    self.open_sockets.add(request)
+                super().process_request(request, client_address)
+
+            def shutdown_request(self, request: Any) -> None:
+                with self.sockets_lock:
+                    self.open_sockets.discard(request)
+                super().shutdown_request(request)
+
         try:
             self._httpd = Server((self.host.strip("[]"), self.requested_port), make_handler(self.ctx))
         except OSError as exc:
@@ -296,6 +312,11 @@ class ApiServer:
         if self._httpd is not None:
             self._httpd.shutdown()
             self._httpd.server_close()
+            # Kept-alive connections would otherwise go on being served by their threads.
+            with self._httpd.sockets_lock:
+                for sock in list(self._httpd.open_sockets):
+                    with contextlib.suppress(OSError):
+                        sock.shutdown(socket.SHUT_RDWR)
             self._httpd = None
         if self._thread is not None:
             self._thread.join(timeout=5)

@@ -144,9 +144,7 @@ class KrakenPublicClient:
         params: dict[str, Any] = {"pair": self.pair, "interval": interval_min}
         if since is not None:
             params["since"] = since
-        return self._with_retries(
-            lambda: parse_ohlc(self._get("/0/public/OHLC", params), interval_min, self._now())
-        )
+        return self._with_retries(lambda: parse_ohlc(self._get("/0/public/OHLC", params), interval_min, self._now()))
 
     def _with_retries(self, call: Callable[[], OhlcPage]) -> OhlcPage:
         attempt = 0
@@ -172,9 +170,7 @@ class KrakenPublicClient:
         except requests.RequestException as exc:
             raise RetryLater(f"Kraken {path}: {type(exc).__name__}: {exc}") from None
         if resp.status_code in RETRYABLE_HTTP:
-            raise RetryLater(
-                f"Kraken {path}: HTTP {resp.status_code}", retry_after_sec=_retry_after(resp)
-            )
+            raise RetryLater(f"Kraken {path}: HTTP {resp.status_code}", retry_after_sec=_retry_after(resp))
         if resp.status_code != 200:
             raise BadData(f"Kraken {path}: HTTP {resp.status_code}")
         try:

@@ -37,16 +37,10 @@ class SimParams:
     )
     # Where a trend goes when it ends: back to ranging, or straight to the opposite trend.
     trend_to_range: float = 0.7
-    drift_per_min: dict[str, float] = field(
-        default_factory=lambda: {BEARISH: -0.0003, RANGING: 0.0, BULLISH: 0.0003}
-    )
-    vol_per_min: dict[str, float] = field(
-        default_factory=lambda: {BEARISH: 0.0016, RANGING: 0.0011, BULLISH: 0.0015}
-    )
+    drift_per_min: dict[str, float] = field(default_factory=lambda: {BEARISH: -0.0003, RANGING: 0.0, BULLISH: 0.0003})
+    vol_per_min: dict[str, float] = field(default_factory=lambda: {BEARISH: 0.0016, RANGING: 0.0011, BULLISH: 0.0015})
     range_reversion: float = 0.02  # pull per minute back to the range anchor (log space)
-    volume_mean: dict[str, float] = field(
-        default_factory=lambda: {BEARISH: 1.5e6, RANGING: 1.0e6, BULLISH: 1.4e6}
-    )
+    volume_mean: dict[str, float] = field(default_factory=lambda: {BEARISH: 1.5e6, RANGING: 1.0e6, BULLISH: 1.4e6})
     price_decimals: int = 7
 
 
@@ -155,7 +149,7 @@ class SimulatedMarket:
         """Move every candle that has closed by ``now`` into the served windows."""
         while not self._pending or self._pending[-1][0].time + 60 <= now:
             candles, labels = self._gen.chunk()
-            self._pending.extend(zip(candles, labels))
+            self._pending.extend(zip(candles, labels, strict=True))
         while self._pending and self._pending[0][0].time + 60 <= now:
             item = self._pending.popleft()
             self._one.append(item)
@@ -176,7 +170,9 @@ class SimulatedMarket:
         frac = min(1.0, max(0.0, (now - current.time) / 60.0))
         price = current.open + (current.close - current.open) * frac
         minute = current._replace(
-            high=max(current.open, price), low=min(current.open, price), close=price,
+            high=max(current.open, price),
+            low=min(current.open, price),
+            close=price,
             volume=current.volume * frac,
         )
         if interval_min == 1:
@@ -224,4 +220,4 @@ class SimulatedMarket:
         return self._one[-1][1] if self._one else None
 
 
-__all__ = ["SimParams", "PathGenerator", "SimulatedMarket", "generate", "REGIMES"]
+__all__ = ["REGIMES", "PathGenerator", "SimParams", "SimulatedMarket", "generate"]

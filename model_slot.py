@@ -112,21 +112,41 @@ class ModelSlot:
             self._last_failure_at = now
             log.error("%s model: %s (keeping the previous model)", spec.name, self.last_error)
             return RetrainRecord(
-                now, spec.name, reason, len(rows), tier.name if tier else None,
-                len(rows), effective, time.perf_counter() - started, False, str(exc),
-            )  # fmt: skip
+                now,
+                spec.name,
+                reason,
+                len(rows),
+                tier.name if tier else None,
+                len(rows),
+                effective,
+                time.perf_counter() - started,
+                False,
+                str(exc),
+            )
         self.detector, self.trained_at = detector, now
         self.last_error, self._last_failure_at = None, None
         record = RetrainRecord(
-            now, spec.name, reason, len(rows), tier.name, detector.n_samples_,
-            detector.n_effective_samples_, time.perf_counter() - started, True,
-        )  # fmt: skip
+            now,
+            spec.name,
+            reason,
+            len(rows),
+            tier.name,
+            detector.n_samples_,
+            detector.n_effective_samples_,
+            time.perf_counter() - started,
+            True,
+        )
         log.info(
-            "%s model trained (%s): %d candles, tier %s, samples raw %d / effective %d, "
-            "%d EM iterations, %.2fs",
-            spec.name, reason, len(rows), tier.name, record.raw_samples, record.effective_samples,
-            detector.n_iter_run_, record.duration_sec,
-        )  # fmt: skip
+            "%s model trained (%s): %d candles, tier %s, samples raw %d / effective %d, %d EM iterations, %.2fs",
+            spec.name,
+            reason,
+            len(rows),
+            tier.name,
+            record.raw_samples,
+            record.effective_samples,
+            detector.n_iter_run_,
+            record.duration_sec,
+        )
         return record
 
     def observe(self, candles: Sequence[Candle]) -> None:

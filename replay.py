@@ -11,6 +11,7 @@ from __future__ import annotations
 import bisect
 import math
 from collections.abc import Sequence
+from itertools import pairwise
 from typing import Any
 
 from candles import Candle, OhlcPage, aggregate
@@ -24,11 +25,10 @@ class ReplayMarket:
     def __init__(self, clock: Clock, candles: Sequence[Candle], *, secondary_interval_min: int = 15) -> None:
         if not candles:
             raise BadData("replay needs at least one candle")
-        for prev, cur in zip(candles, candles[1:]):
+        for prev, cur in pairwise(candles):
             if cur.time <= prev.time or (cur.time - prev.time) % 60:
                 raise BadData(
-                    f"replay candles must be 1-minute candles in ascending order: "
-                    f"{prev.time} is followed by {cur.time}"
+                    f"replay candles must be 1-minute candles in ascending order: {prev.time} is followed by {cur.time}"
                 )
         if candles[0].time % 60:
             raise BadData(f"replay candle time {candles[0].time} is not on a minute boundary")
@@ -101,8 +101,7 @@ def replay_report(
         "final": {
             "regime_tier": final_status["regime_tier"],
             "training_depth": {
-                name: (final_status["hmm"][name] or {}).get("training_depth")
-                for name in ("primary", "secondary")
+                name: (final_status["hmm"][name] or {}).get("training_depth") for name in ("primary", "secondary")
             },
         },
     }

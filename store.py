@@ -84,9 +84,19 @@ CREATE INDEX IF NOT EXISTS regime_tier_transitions_pair_ts ON regime_tier_transi
 """
 
 TRANSITION_COLUMNS = (
-    "ts", "pair", "from_tier", "to_tier", "from_direction", "to_direction", "reason",
-    "regime", "raw_confidence", "effective_confidence", "bias_signal", "shadow",
-)  # fmt: skip
+    "ts",
+    "pair",
+    "from_tier",
+    "to_tier",
+    "from_direction",
+    "to_direction",
+    "reason",
+    "regime",
+    "raw_confidence",
+    "effective_confidence",
+    "bias_signal",
+    "shadow",
+)
 
 
 class SQLiteStore:
@@ -205,7 +215,7 @@ class SQLiteStore:
                 "WHERE pair = ? ORDER BY id DESC LIMIT ?",
                 (pair, limit),
             )
-            return [dict(zip(TRANSITION_COLUMNS, r)) for r in cur.fetchall()]
+            return [dict(zip(TRANSITION_COLUMNS, r, strict=True)) for r in cur.fetchall()]
 
     def close(self) -> None:
         with self._lock:

@@ -8,7 +8,7 @@ quality tier's modifier before tier gating.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from fractions import Fraction
 
 import numpy as np
@@ -65,6 +65,7 @@ class TrainingDepth:
     confidence_modifier: float
     pct_complete: float
     estimated_full_at: str | None
+    estimated_full_in_sec: float | None
     available_candles: int
     raw_samples: int
     effective_samples: int
@@ -95,16 +96,15 @@ def training_depth(
     tier = quality_tier(current, target, min_samples)
     remaining = max(0, target - max(current, available))
     full = tier is not None and tier.name == "full"
-    eta = None
-    if not full:
-        eta = _iso_utc(now + remaining * interval_sec)
+    eta_sec = None if full else float(remaining * interval_sec)
     return TrainingDepth(
         current_candles=current,
         target_candles=target,
         quality_tier=tier.name if tier else None,
         confidence_modifier=tier.confidence_modifier if tier else 0.0,
         pct_complete=round(min(100.0, 100.0 * current / max(target, 1)), 1),
-        estimated_full_at=eta,
+        estimated_full_at=None if eta_sec is None else _iso_utc(now + eta_sec),
+        estimated_full_in_sec=eta_sec,
         available_candles=available,
         raw_samples=raw_samples,
         effective_samples=effective_samples,
@@ -112,7 +112,7 @@ def training_depth(
 
 
 def _iso_utc(ts: float) -> str:
-    return datetime.fromtimestamp(ts, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.fromtimestamp(ts, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def retrain_reason(

@@ -3,8 +3,8 @@
 import json
 
 import pytest
-
 from conftest import make_sim_bot, run_ticks
+
 from errors import BadData, RetryLater
 from regime_policy import BULLISH, RegimeSignal
 
@@ -88,8 +88,9 @@ def test_regime_history_is_appended_each_evaluation_and_trimmed_to_30_minutes(tm
 
 
 def test_shadow_mode_pins_tier_0_and_shows_what_would_be(tmp_path):
-    bot = make_sim_bot(tmp_path / "s.sqlite3", HMM_SECONDARY_ENABLED=False, REGIME_DIRECTIONAL_ENABLED=False,
-                       REGIME_MIN_DWELL_SEC=0)  # fmt: skip
+    bot = make_sim_bot(
+        tmp_path / "s.sqlite3", HMM_SECONDARY_ENABLED=False, REGIME_DIRECTIONAL_ENABLED=False, REGIME_MIN_DWELL_SEC=0
+    )
     bot.tick()
     fixed_signal(bot, RegimeSignal(BULLISH, 0.95, 0.9, (0.0, 0.05, 0.95)))
     run_ticks(bot, 8, 15)
@@ -100,7 +101,8 @@ def test_shadow_mode_pins_tier_0_and_shows_what_would_be(tmp_path):
     assert tier["effective"] == {"tier": 0, "direction": "symmetric", "source": "mechanical"}
     assert bot.stats.tier_changes == 0
     row = bot.store.tier_transitions("XDGUSD")[0]
-    assert row["shadow"] == 1
+    assert row["shadow"] == 1  # stored as an integer
+    assert bot.status()["regime_tier"]["recent_transitions"][0]["shadow"] is True
 
 
 def test_capacity_stop_blocks_upgrades(tmp_path):
@@ -135,8 +137,10 @@ def test_restart_restores_tier_state_and_models_without_retraining(tmp_path):
     again.tick()
     assert again.stats.retrains == []  # nothing retrained on start
     after = again.status()
-    assert after["hmm"]["primary"]["training_depth"]["current_candles"] == before["hmm"]["primary"][
-        "training_depth"]["current_candles"]  # fmt: skip
+    assert (
+        after["hmm"]["primary"]["training_depth"]["current_candles"]
+        == before["hmm"]["primary"]["training_depth"]["current_candles"]
+    )
     assert after["regime_history_30m"][: len(before["regime_history_30m"]) - 2]  # restored, not empty
     again.store.close()
 
@@ -208,8 +212,9 @@ def test_market_outage_keeps_the_loop_cycling(tmp_path):
 
 def test_deep_decay_reports_raw_and_effective_samples(tmp_path, caplog):
     caplog.set_level("INFO")
-    bot = make_sim_bot(tmp_path / "d.sqlite3", HMM_SECONDARY_ENABLED=False, HMM_DEEP_DECAY_ENABLED=True,
-                       HMM_DEEP_DECAY_HALFLIFE=200)  # fmt: skip
+    bot = make_sim_bot(
+        tmp_path / "d.sqlite3", HMM_SECONDARY_ENABLED=False, HMM_DEEP_DECAY_ENABLED=True, HMM_DEEP_DECAY_HALFLIFE=200
+    )
     bot.tick()
     d = depth(bot)
     assert d["effective_samples"] > d["raw_samples"] > 0
@@ -229,14 +234,39 @@ def test_status_payload_has_the_documented_shape(tmp_path):
     bot = make_sim_bot(tmp_path / "st.sqlite3")
     run_ticks(bot, 5, 15)
     st = json.loads(json.dumps(bot.status(), allow_nan=False))
-    assert {"mode", "pair", "now", "price", "hmm", "hmm_data_pipeline", "regime_tier", "regime_history_30m",
-            "ai_regime_advisor", "grid", "health"} <= set(st)  # fmt: skip
+    assert {
+        "mode",
+        "pair",
+        "now",
+        "price",
+        "hmm",
+        "hmm_data_pipeline",
+        "regime_tier",
+        "regime_history_30m",
+        "ai_regime_advisor",
+        "grid",
+        "health",
+    } <= set(st)
     assert set(st["hmm"]) == {"primary", "secondary", "consensus", "policy"}
     for model in ("primary", "secondary"):
-        assert {"trained", "regime", "confidence", "bias_signal", "probabilities", "transition_matrix",
-                "last_trained_at", "training_depth"} <= set(st["hmm"][model])  # fmt: skip
-    assert set(st["hmm"]["policy"]) >= {"raw_confidence", "confidence_modifier", "effective_confidence", "regime",
-                                        "bias_signal", "source"}  # fmt: skip
+        assert {
+            "trained",
+            "regime",
+            "confidence",
+            "bias_signal",
+            "probabilities",
+            "transition_matrix",
+            "last_trained_at",
+            "training_depth",
+        } <= set(st["hmm"][model])
+    assert set(st["hmm"]["policy"]) >= {
+        "raw_confidence",
+        "confidence_modifier",
+        "effective_confidence",
+        "regime",
+        "bias_signal",
+        "source",
+    }
     assert set(st["regime_tier"]) >= {"mechanical", "effective", "suppressed_side"}
     assert set(st["regime_tier"]["mechanical"]) >= {"tier", "direction", "since"}
     assert st["regime_tier"]["effective"]["source"] == "mechanical"

@@ -5,7 +5,6 @@ import re
 import sqlite3
 
 import pytest
-
 from conftest import ROOT
 
 SIM = ["--market", "sim", "--port", "0", "--log-level", "INFO"]
@@ -26,8 +25,9 @@ def test_sim_serves_status_and_health_and_stops_cleanly(tmp_path, bot_process):
     assert code == 200 and health["ok"] is True
     code, headers, page = p.request("GET", "/")
     assert code == 200 and b"<html" in page.lower() and headers["Content-Type"].startswith("text/html")
-    code, _, body = p.request("POST", "/api/action", b'{"action": "ai_regime_override"}',
-                              {"Content-Type": "application/json"})  # fmt: skip
+    code, _, body = p.request(
+        "POST", "/api/action", b'{"action": "ai_regime_override"}', {"Content-Type": "application/json"}
+    )
     assert code == 400 and "unknown action" in json.loads(body)["error"]
     assert p.terminate() == 0
     assert "SIGTERM received: stopping" in p.output and "stopped cleanly" in p.output
@@ -83,7 +83,11 @@ def test_kill_9_then_restart_leaves_a_readable_store(tmp_path, bot_process):
 @pytest.mark.parametrize(
     ("args", "env", "fragments"),
     [
-        ([], {"HMM_TRAINING_CANDLES": "abc"}, ["HMM_TRAINING_CANDLES='abc' is invalid", "an integer from 50 to 200000"]),
+        (
+            [],
+            {"HMM_TRAINING_CANDLES": "abc"},
+            ["HMM_TRAINING_CANDLES='abc' is invalid", "an integer from 50 to 200000"],
+        ),
         (["--speed", "fast"], {}, ["SIM_SPEED='fast' is invalid", "a number of at least 0.01"]),
         (["--host", "0.0.0.0"], {}, ["HTTP_HOST='0.0.0.0' is not a loopback address: set API_TOKEN"]),
         ([], {"REGIME_TIER2_CONFIDENCE": "0.1"}, ["REGIME_TIER2_CONFIDENCE=0.1 must be above"]),
@@ -134,8 +138,53 @@ def test_api_token_is_required_on_api_paths(tmp_path, bot_process):
 def test_help_documents_every_flag(tmp_path, bot_process):
     p = bot_process(["--help"])
     assert p.proc.wait(30) == 0
-    for flag in ("--market", "--replay", "--live", "--host", "--port", "--db", "--speed", "--seed", "--report",
-                 "--serve", "--log-level", "--env-file"):  # fmt: skip
+    for flag in (
+        "--market",
+        "--replay",
+        "--live",
+        "--host",
+        "--port",
+        "--db",
+        "--speed",
+        "--seed",
+        "--report",
+        "--serve",
+        "--log-level",
+        "--env-file",
+    ):
         assert flag in p.output
     source = (ROOT / "bot.py").read_text()
     assert set(re.findall(r'add_argument\("(--[a-z-]+)"', source)) <= set(re.findall(r"--[a-z-]+", p.output))
+
+
+def test_paper_mode_runs_on_kraken_public_data_through_kraken_api_url(tmp_path, bot_process):
+    """The default mode (`python bot.py`), pointed at a local server speaking Kraken's format."""
+    import time
+
+    from fake_kraken import FakeKraken
+
+    from market_sim import generate
+
+    now = time.time()
+    first = int(now // 60 * 60) - 11_000 * 60
+    candles, _ = generate(11_100, seed=21, start=first)  # history up to now and a little beyond
+    with FakeKraken(candles, now=time.time) as fake:
+        fake.fail_next(2, "rate_limit")  # the first calls are rate-limited: backoff, then data
+        p = bot_process(
+            ["--port", "0", "--db", str(tmp_path / "paper.sqlite3"), "--log-level", "INFO"],
+            env={"KRAKEN_API_URL": fake.url},
+        )
+        p.wait_ready()
+        st = p.wait_status(lambda s: s["hmm"]["secondary"]["trained"], timeout=60)
+        assert st["mode"] == "paper"
+        pipe = st["hmm_data_pipeline"]
+        assert pipe["1m"]["rows_available"] == 719 and pipe["15m"]["rows_available"] == 719
+        assert pipe["1m"]["status"] == "ok"
+        assert st["hmm"]["primary"]["training_depth"]["quality_tier"] == "shallow"
+        assert st["hmm"]["secondary"]["training_depth"]["quality_tier"] == "baseline"
+        assert st["price"] == pytest.approx(candles[int((time.time() - first) // 60)].close, rel=0.05)
+        assert "EAPI:Rate limit exceeded; retry 1/3 in 1.0s" in p.output
+        ohlc = [r for r in fake.requests if r["path"] == "/0/public/OHLC"]
+        assert {r["params"]["pair"] for r in ohlc} == {"XDGUSD"}
+        assert {r["params"]["interval"] for r in ohlc} == {"1", "15"}
+        assert p.terminate() == 0

@@ -37,7 +37,7 @@ def setup(tmp_path):
 
 
 def test_first_sync_stores_the_market_window_of_closed_candles(setup):
-    pipeline, clock, market, store, candles = setup
+    pipeline, clock, _market, store, candles = setup
     assert pipeline.sync_due(1, clock.now())
     added = pipeline.sync(1, clock.now())
     assert added == 720
@@ -51,7 +51,7 @@ def test_first_sync_stores_the_market_window_of_closed_candles(setup):
 
 
 def test_sync_cadence_and_incremental_fetch(setup):
-    pipeline, clock, market, store, candles = setup
+    pipeline, clock, _market, store, _candles = setup
     pipeline.sync_due_feeds(clock.now())
     clock.advance(30)
     assert not pipeline.sync_due(1, clock.now())
@@ -63,7 +63,7 @@ def test_sync_cadence_and_incremental_fetch(setup):
 
 
 def test_failed_sync_records_the_error_and_changes_nothing(setup):
-    pipeline, clock, market, store, candles = setup
+    pipeline, clock, market, store, _candles = setup
     pipeline.sync(1, clock.now())
     market.failing = True
     clock.advance(300)
@@ -79,7 +79,7 @@ def test_failed_sync_records_the_error_and_changes_nothing(setup):
 
 
 def test_health_freshness_and_status(setup):
-    pipeline, clock, market, store, candles = setup
+    pipeline, clock, market, _store, _candles = setup
     h = pipeline.health(clock.now())
     assert h["1m"]["status"] == "empty" and h["1m"]["freshness_sec"] is None
     pipeline.sync_due_feeds(clock.now())
@@ -122,7 +122,7 @@ def test_prime_reads_counts_and_window_from_the_store(setup, tmp_path):
 
 
 def test_loader_reads_the_store_first_and_merges_the_market_window(setup):
-    pipeline, clock, market, store, candles = setup
+    pipeline, _clock, market, store, candles = setup
     store.upsert_candles(PAIR, 1, candles[:100])
     rows = pipeline.load_recent_ohlcv_rows(1, 4000)
     # 100 stored + the market's 720-candle window (candles[280:1000]), de-duplicated, oldest first.

@@ -2,9 +2,9 @@ import math
 import re
 
 import pytest
+from conftest import ROOT
 from dotenv import dotenv_values
 
-from conftest import ROOT
 from config import KEYS, Settings, describe, is_loopback, load_settings
 from errors import ConfigError
 
@@ -62,7 +62,9 @@ def test_a_bad_value_never_falls_back_to_the_default():
 def test_typo_in_dotenv_is_an_error_with_a_suggestion(tmp_path):
     env_file = tmp_path / ".env"
     env_file.write_text("HMM_TRAINING_CANDELS=3000\n")
-    with pytest.raises(ConfigError, match=r"HMM_TRAINING_CANDELS .* is not a setting \(did you mean HMM_TRAINING_CANDLES\?\)"):
+    with pytest.raises(
+        ConfigError, match=r"HMM_TRAINING_CANDELS .* is not a setting \(did you mean HMM_TRAINING_CANDLES\?\)"
+    ):
         load(env_file=env_file)
 
 
@@ -73,8 +75,14 @@ def test_unknown_prefixed_environment_variable_is_warned(caplog):
 
 
 def test_parsing_of_types():
-    s = load(environ={"HMM_DEEP_DECAY_ENABLED": "yes", "SIM_SPEED": "max", "LOG_LEVEL": "debug",
-                      "HMM_TRAINING_CANDLES": "4_000"})  # fmt: skip
+    s = load(
+        environ={
+            "HMM_DEEP_DECAY_ENABLED": "yes",
+            "SIM_SPEED": "max",
+            "LOG_LEVEL": "debug",
+            "HMM_TRAINING_CANDLES": "4_000",
+        }
+    )
     assert s.HMM_DEEP_DECAY_ENABLED is True
     assert math.isinf(s.SIM_SPEED)
     assert s.LOG_LEVEL == "DEBUG"
@@ -103,13 +111,21 @@ def test_cross_field_checks(env, fragment):
 
 
 def test_non_loopback_bind_requires_a_token():
-    with pytest.raises(ConfigError, match="HTTP_HOST='0.0.0.0' is not a loopback address: set API_TOKEN"):
+    with pytest.raises(ConfigError, match=re.escape("HTTP_HOST='0.0.0.0' is not a loopback address: set API_TOKEN")):
         load(environ={"HTTP_HOST": "0.0.0.0"})
     assert load(environ={"HTTP_HOST": "0.0.0.0", "API_TOKEN": "t0ken"}).HTTP_HOST == "0.0.0.0"
     assert load(environ={"HTTP_HOST": "::1"}).HTTP_HOST == "::1"
-    assert [is_loopback(h) for h in ("127.0.0.1", "127.9.9.9", "localhost", "::1", "[::1]", "10.0.0.1", "example.com")] == [
-        True, True, True, True, True, False, False,
-    ]  # fmt: skip
+    assert [
+        is_loopback(h) for h in ("127.0.0.1", "127.9.9.9", "localhost", "::1", "[::1]", "10.0.0.1", "example.com")
+    ] == [
+        True,
+        True,
+        True,
+        True,
+        True,
+        False,
+        False,
+    ]
 
 
 def test_secrets_are_redacted_and_values_json_safe():

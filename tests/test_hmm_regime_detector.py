@@ -117,7 +117,7 @@ def test_signal_rules(fitted):
 
 
 def test_infer_uses_the_newest_window(sim_data, fitted):
-    candles, labels = sim_data
+    candles, _labels = sim_data
     s = fitted.infer(candles[4000:4300])
     assert s.regime in REGIMES
     assert sum(s.probabilities) == pytest.approx(1.0)

@@ -39,7 +39,9 @@ def call(ctx, method, path, body=b"", headers=None):
     if method == "POST" and "content-length" not in h and body is not None:
         h["content-length"] = str(len(body))
     resp = handle_request(ctx, method, path, h, lambda n: body[:n])
-    payload = json.loads(resp.body) if dict(resp.headers).get("Content-Type", "").startswith("application/json") else None
+    payload = (
+        json.loads(resp.body) if dict(resp.headers).get("Content-Type", "").startswith("application/json") else None
+    )
     return resp.status, dict(resp.headers), payload
 
 
@@ -178,8 +180,9 @@ def test_real_server_serves_concurrent_readers_and_stops():
     for t in threads:
         t.join()
     assert len(results) == 100 and all(r == (200, b'{"n":1}') for r in results)
-    req = urllib.request.Request(f"http://127.0.0.1:{port}/api/action", data=b"x" * 20000, method="POST",
-                                 headers={"Authorization": "Bearer tok"})  # fmt: skip
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}/api/action", data=b"x" * 20000, method="POST", headers={"Authorization": "Bearer tok"}
+    )
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(req, timeout=5)
     assert err.value.code == 413
@@ -196,3 +199,19 @@ def test_port_in_use_is_a_clear_error():
             ApiServer("127.0.0.1", port, make_ctx()).start()
     finally:
         first.stop()
+
+
+def test_stop_also_ends_kept_alive_connections():
+    import http.client
+
+    ctx = make_ctx()
+    ctx.board.publish({"n": 1})
+    server = ApiServer("127.0.0.1", 0, ctx)
+    port = server.start()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    conn.request("GET", "/api/status")
+    assert conn.getresponse().read() == b'{"n":1}'
+    server.stop()
+    with pytest.raises((ConnectionError, http.client.HTTPException, OSError)):
+        conn.request("GET", "/api/status")
+        conn.getresponse().read()

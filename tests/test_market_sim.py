@@ -1,4 +1,5 @@
 from collections import Counter
+from itertools import pairwise
 
 from candles import aggregate, candle_problem
 from clock import SimClock
@@ -23,7 +24,7 @@ def test_every_regime_appears_and_regimes_persist():
     _, labels = generate(20_000, seed=3)
     counts = Counter(labels)
     assert set(counts) == set(REGIMES)
-    switches = sum(1 for x, y in zip(labels, labels[1:]) if x != y)
+    switches = sum(1 for x, y in pairwise(labels) if x != y)
     assert 20_000 / switches > 100  # regimes last hours, not minutes
 
 

@@ -52,8 +52,9 @@ def test_same_regime_is_full_agreement():
 
 
 def test_full_agreement_weights_are_normalised():
-    p = policy_signal(sig(BEARISH, 0.4, -0.2), sig(BEARISH, 0.5, -0.8), weight_1m=1.0, weight_15m=3.0,
-                      tier1_confidence=0.2)  # fmt: skip
+    p = policy_signal(
+        sig(BEARISH, 0.4, -0.2), sig(BEARISH, 0.5, -0.8), weight_1m=1.0, weight_15m=3.0, tier1_confidence=0.2
+    )
     assert p.bias_signal == pytest.approx((1.0 * -0.2 + 3.0 * -0.8) / 4.0)
 
 
@@ -96,8 +97,9 @@ def test_untrained_primary_with_trained_secondary_is_cooling():
 
 
 def step(state, eff, bias, regime, now, band="normal", settings=SETTINGS):
-    return next_tier(state, effective_confidence=eff, bias_signal=bias, regime=regime, capacity_band=band,
-                     settings=settings, now=now)  # fmt: skip
+    return next_tier(
+        state, effective_confidence=eff, bias_signal=bias, regime=regime, capacity_band=band, settings=settings, now=now
+    )
 
 
 START = TierState(0, SYMMETRIC, T0 - 10_000)

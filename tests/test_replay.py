@@ -1,10 +1,10 @@
 import json
 
 import pytest
+from conftest import DOGE_1M
 
 from candles import Candle, read_candles_csv
 from clock import SimClock
-from conftest import DOGE_1M
 from errors import BadData
 from market_sim import generate
 from replay import ReplayMarket

@@ -84,11 +84,22 @@ def test_a_state_that_is_not_json_safe_changes_nothing(store):
 
 def test_tier_transitions_are_recorded_newest_first(store):
     for i in range(3):
-        store.record_tier_transition({
-            "ts": 100.0 + i, "pair": PAIR, "from_tier": i, "to_tier": i + 1, "from_direction": "symmetric",
-            "to_direction": "long_bias", "reason": f"r{i}", "regime": "BULLISH", "raw_confidence": 0.5,
-            "effective_confidence": 0.4, "bias_signal": 0.3, "shadow": 0,
-        })  # fmt: skip
+        store.record_tier_transition(
+            {
+                "ts": 100.0 + i,
+                "pair": PAIR,
+                "from_tier": i,
+                "to_tier": i + 1,
+                "from_direction": "symmetric",
+                "to_direction": "long_bias",
+                "reason": f"r{i}",
+                "regime": "BULLISH",
+                "raw_confidence": 0.5,
+                "effective_confidence": 0.4,
+                "bias_signal": 0.3,
+                "shadow": 0,
+            }
+        )
     rows = store.tier_transitions(PAIR)
     assert [r["reason"] for r in rows] == ["r2", "r1", "r0"]
     assert rows[0]["to_tier"] == 3 and rows[0]["effective_confidence"] == 0.4
@@ -111,5 +122,5 @@ def test_sqlite_file_is_wal_and_survives_reopening(tmp_path):
 def test_unreadable_store_is_a_clear_config_error(tmp_path):
     path = tmp_path / "garbage.sqlite3"
     path.write_bytes(b"this is not a database" * 100)
-    with pytest.raises(ConfigError, match="cannot open the store at .*garbage.sqlite3"):
+    with pytest.raises(ConfigError, match=r"cannot open the store at .*garbage\.sqlite3"):
         SQLiteStore(path)

@@ -1,9 +1,9 @@
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import numpy as np
 import pytest
-
 from conftest import make_settings
+
 from training_depth import (
     QUALITY_TIERS,
     decay_copies,
@@ -77,22 +77,39 @@ def test_tier_table_and_colours():
 
 
 def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.fromtimestamp(ts, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def test_training_depth_block_schema_primary():
-    d = training_depth(current=2400, target=4000, min_samples=500, available=2400, interval_sec=60, now=NOW,
-                       raw_samples=2365, effective_samples=2365).to_dict()  # fmt: skip
+    d = training_depth(
+        current=2400,
+        target=4000,
+        min_samples=500,
+        available=2400,
+        interval_sec=60,
+        now=NOW,
+        raw_samples=2365,
+        effective_samples=2365,
+    ).to_dict()
     assert set(d) == {
-        "current_candles", "target_candles", "quality_tier", "confidence_modifier", "pct_complete",
-        "estimated_full_at", "available_candles", "raw_samples", "effective_samples",
-    }  # fmt: skip
+        "current_candles",
+        "target_candles",
+        "quality_tier",
+        "confidence_modifier",
+        "pct_complete",
+        "estimated_full_at",
+        "estimated_full_in_sec",
+        "available_candles",
+        "raw_samples",
+        "effective_samples",
+    }
     assert d["current_candles"] == 2400
     assert d["target_candles"] == 4000
     assert d["quality_tier"] == "baseline"
     assert d["confidence_modifier"] == 0.85
     assert d["pct_complete"] == 60.0
     assert d["estimated_full_at"] == _iso(NOW + 1600 * 60)
+    assert d["estimated_full_in_sec"] == 1600 * 60
 
 
 def test_training_depth_block_schema_secondary():
@@ -106,7 +123,7 @@ def test_training_depth_block_schema_secondary():
 def test_estimated_full_at_is_null_when_full():
     d = training_depth(current=4000, target=4000, min_samples=500, available=4100, interval_sec=60, now=NOW)
     assert d.quality_tier == "full"
-    assert d.estimated_full_at is None
+    assert d.estimated_full_at is None and d.estimated_full_in_sec is None
     assert d.pct_complete == 100.0
 
 
