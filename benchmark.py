@@ -29,6 +29,7 @@ from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from bot import Bot
 from candles import read_candles_csv
@@ -165,8 +166,19 @@ class Proc:
         return int(re.search(r"VmRSS:\s+(\d+)", text).group(1)) / 1024
 
     def stop(self) -> None:
-        self.p.terminate()
-        self.p.wait(30)
+        if self.p.poll() is None:
+            self.p.terminate()
+            try:
+                self.p.wait(30)
+            except subprocess.TimeoutExpired:
+                self.p.kill()
+                self.p.wait()
+
+    def __enter__(self) -> Proc:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
 def status_once(port: int) -> dict:
@@ -178,22 +190,30 @@ def bench_status_latency(results: dict) -> None:
     print("GET /api/status from another process while the loop runs (python bot.py --market sim)")
     for speed in ("60", "max"):
         with tempfile.TemporaryDirectory() as tmp:
-            proc = Proc(
-                ["--market", "sim", "--speed", speed, "--port", "0", "--db", f"{tmp}/s.sqlite3", "--log-level", "INFO"],
-                tmp,
-            )
-            port = proc.port()
-            while status_once(port)["health"]["cycles"] < 5:
-                time.sleep(0.1)
-            lat = []
-            conn_url = f"http://127.0.0.1:{port}/api/status"
-            for _ in range(2000):
-                t = time.perf_counter()
-                with urllib.request.urlopen(conn_url, timeout=10) as r:
-                    r.read()
-                lat.append(time.perf_counter() - t)
-            size = len(json.dumps(status_once(port)))
-            proc.stop()
+            args = [
+                "--market",
+                "sim",
+                "--speed",
+                speed,
+                "--port",
+                "0",
+                "--db",
+                f"{tmp}/s.sqlite3",
+                "--log-level",
+                "INFO",
+            ]
+            with Proc(args, tmp) as proc:
+                port = proc.port()
+                while status_once(port)["health"]["cycles"] < 5:
+                    time.sleep(0.1)
+                lat = []
+                conn_url = f"http://127.0.0.1:{port}/api/status"
+                for _ in range(2000):
+                    t = time.perf_counter()
+                    with urllib.request.urlopen(conn_url, timeout=10) as r:
+                        r.read()
+                    lat.append(time.perf_counter() - t)
+                size = len(json.dumps(status_once(port)))
         key = f"status_latency_ms_speed_{speed}"
         results[key] = {"median": statistics.median(lat) * 1e3, "p99": pct(lat, 99) * 1e3, "bytes": size}
         label = "loop paced, 60x" if speed == "60" else "loop saturating a core, --speed max"
@@ -209,8 +229,8 @@ def bench_replay(results: dict) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         report_path = Path(tmp) / "report.json"
         t = time.perf_counter()
-        proc = Proc(["--replay", str(DOGE), "--report", str(report_path), "--log-level", "WARNING"], tmp)
-        proc.p.wait()
+        with Proc(["--replay", str(DOGE), "--report", str(report_path), "--log-level", "WARNING"], tmp) as proc:
+            proc.p.wait()
         wall = time.perf_counter() - t
         report = json.loads(report_path.read_text())
     primary = [r for r in report["retrains"] if r["model"] == "primary"]
@@ -235,17 +255,15 @@ def bench_replay(results: dict) -> None:
 def bench_memory(results: dict, seconds: float) -> None:
     print(f"Resident memory of python bot.py --market sim --speed max over {seconds:.0f} s of wall time")
     with tempfile.TemporaryDirectory() as tmp:
-        proc = Proc(
-            ["--market", "sim", "--speed", "max", "--port", "0", "--db", f"{tmp}/m.sqlite3", "--log-level", "INFO"], tmp
-        )
-        port = proc.port()
-        samples = []
-        start = time.monotonic()
-        while time.monotonic() - start < seconds:
-            time.sleep(1.0)
-            samples.append((time.monotonic() - start, proc.rss_mb()))
-        st = status_once(port)
-        proc.stop()
+        args = ["--market", "sim", "--speed", "max", "--port", "0", "--db", f"{tmp}/m.sqlite3", "--log-level", "INFO"]
+        with Proc(args, tmp) as proc:
+            port = proc.port()
+            samples = []
+            start = time.monotonic()
+            while time.monotonic() - start < seconds:
+                time.sleep(1.0)
+                samples.append((time.monotonic() - start, proc.rss_mb()))
+            st = status_once(port)
     sim_days = (st["now"] - SIM_START) / 86400
     rss = [r for _, r in samples]
     half = len(rss) // 2
@@ -383,6 +401,7 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("hmmlearn").setLevel(logging.ERROR)
+    threadpool_limits(1)  # as the bot runs (bot.run)
     results: dict = {"cpu_count": os.cpu_count(), "python": sys.version.split()[0]}
     print(f"benchmark on {os.cpu_count()} cores, Python {results['python']}")
     bench_fit(results)

@@ -31,12 +31,11 @@ from candle_pipeline import CandlePipeline, FeedSpec
 from candles import MarketData, read_candles_csv
 from clock import Clock, SimClock, WallClock
 from config import Settings, load_settings
-from errors import BadData, BotError, ConfigError
-from hmm_regime_detector import RegimeDetector
+from errors import BadData, BotError, ConfigError, RetryLater
 from http_api import ActionRouter, ApiContext, ApiServer, StatusBoard
 from kraken_client import KrakenPublicClient
 from market_sim import SimulatedMarket
-from model_slot import ModelSlot, SlotSpec
+from model_slot import ModelSlot, model_slots
 from regime_policy import (
     NO_SIGNAL,
     SYMMETRIC,
@@ -49,7 +48,7 @@ from regime_policy import (
     policy_signal,
 )
 from replay import ReplayMarket, replay_report
-from status import consensus_block, iso_utc, model_block, policy_block, regime_tier_block
+from status import consensus_block, cycle_time_summary, iso_utc, model_block, policy_block, regime_tier_block
 from store import SQLiteStore, Store
 
 log = logging.getLogger("bot")
@@ -88,45 +87,12 @@ class Bot:
         self._truth = truth
         self.snapshot_key = f"snapshot:{s.PAIR}"
 
-        def detector(recent: int) -> Callable[[], RegimeDetector]:
-            return lambda: RegimeDetector(
-                recent_candles=recent,
-                confidence_threshold=s.HMM_CONFIDENCE_THRESHOLD,
-                covariance_type=s.HMM_COVARIANCE_TYPE,
-                n_iter=s.HMM_N_ITER,
-                n_init=s.HMM_N_INIT,
-                random_state=s.HMM_RANDOM_STATE,
-            )
-
-        decay = {"decay_enabled": s.HMM_DEEP_DECAY_ENABLED, "decay_halflife": s.HMM_DEEP_DECAY_HALFLIFE}
-        self.primary = ModelSlot(
-            SlotSpec(
-                "primary", 1, s.HMM_TRAINING_CANDLES, s.HMM_MIN_TRAIN_SAMPLES, s.HMM_RETRAIN_INTERVAL_SEC, **decay
-            ),
-            detector(s.HMM_RECENT_CANDLES),
-        )
-        self.secondary = (
-            ModelSlot(
-                SlotSpec(
-                    "secondary",
-                    15,
-                    s.HMM_SECONDARY_TRAINING_CANDLES,
-                    s.HMM_SECONDARY_MIN_TRAIN_SAMPLES,
-                    s.HMM_RETRAIN_INTERVAL_SEC,
-                    **decay,
-                ),
-                detector(s.HMM_SECONDARY_RECENT_CANDLES),
-            )
-            if s.HMM_SECONDARY_ENABLED
-            else None
-        )
-        feeds = [FeedSpec(1, s.HMM_OHLCV_SYNC_INTERVAL_SEC, s.HMM_TRAINING_CANDLES, self.primary.window_size)]
-        if self.secondary:
-            feeds.append(
-                FeedSpec(
-                    15, s.HMM_SECONDARY_SYNC_INTERVAL_SEC, s.HMM_SECONDARY_TRAINING_CANDLES, self.secondary.window_size
-                )
-            )
+        self.primary, self.secondary = model_slots(s)
+        cadence = {1: s.HMM_OHLCV_SYNC_INTERVAL_SEC, 15: s.HMM_SECONDARY_SYNC_INTERVAL_SEC}
+        feeds = [
+            FeedSpec(slot.spec.interval_min, cadence[slot.spec.interval_min], slot.spec.target, slot.window_size)
+            for slot in self.slots()
+        ]
         self.pipeline = CandlePipeline(store, market, s.PAIR, feeds, retention_days=s.OHLCV_RETENTION_DAYS)
         self.tier_settings = TierSettings(
             tier1_confidence=s.REGIME_TIER1_CONFIDENCE,
@@ -151,6 +117,7 @@ class Bot:
         self.stats = RunStats()
         self.cycles = 0
         self.last_cycle_at: float | None = None
+        self.cycle_ms: deque[float] = deque(maxlen=500)  # wall time of recent cycles, for health
         self._last_account_at = now
         self._last_snapshot_at: float | None = None
         self._dirty = False
@@ -171,6 +138,7 @@ class Bot:
 
     def tick(self) -> None:
         """One main-loop cycle (SPEC section 0)."""
+        started = time.perf_counter()
         now = self.clock.now()
         self._account_time(now)
         self._sync_candles(now)
@@ -181,6 +149,7 @@ class Bot:
         self._save_snapshot_if_due(now)
         self.cycles += 1
         self.last_cycle_at = now
+        self.cycle_ms.append((time.perf_counter() - started) * 1000.0)
 
     def _account_time(self, now: float) -> None:
         tier = self.mechanical_state().tier
@@ -293,8 +262,8 @@ class Bot:
         )
         try:
             self.store.record_tier_transition(row)
-        except Exception as exc:  # the transition already happened; losing the audit row is logged
-            self.record_error("store", f"recording a tier transition failed: {exc}", now)
+        except RetryLater as exc:  # the transition already happened; a lost audit row is reported
+            self.record_error("store", str(exc), now)
 
     def mechanical_state(self) -> TierState:
         if self.settings.REGIME_DIRECTIONAL_ENABLED:
@@ -335,9 +304,9 @@ class Bot:
     def save_snapshot(self, now: float) -> None:
         try:
             self.store.save_state(self.snapshot_key, self.snapshot(now), now)
-        except Exception as exc:  # keep trading; the next cycle tries again
-            self.record_error("store", f"saving the snapshot failed: {exc}", now)
-            log.error("saving the snapshot failed: %s", exc)
+        except RetryLater as exc:  # keep going; the next cycle tries again
+            self.record_error("store", str(exc), now)
+            log.error("%s", exc)
             return
         self._last_snapshot_at, self._dirty = now, False
 
@@ -424,6 +393,7 @@ class Bot:
                 and all(feed["status"] == "ok" for feed in pipeline.values()),
                 "cycles": self.cycles,
                 "last_cycle_at": self.last_cycle_at,
+                "cycle_ms": cycle_time_summary(self.cycle_ms),
                 "started_at": self.started_at,
                 "errors": list(self.errors),
             },
@@ -447,7 +417,6 @@ class Runner:
         self.stop_event = stop_event
         self.publish_every = publish_every_wall_sec
         self._last_publish: float | None = None
-        self.cycle_ms: deque[float] = deque(maxlen=2000)
 
     def run(self, until: Callable[[], bool] | None = None) -> None:
         clock = self.bot.clock
@@ -461,13 +430,11 @@ class Runner:
         self.publish()
 
     def cycle(self) -> None:
-        started = time.perf_counter()
         try:
             self.bot.tick()
         except Exception as exc:  # one bad cycle must not end the bot
             log.exception("cycle failed")
             self.bot.record_error("main loop", f"{type(exc).__name__}: {exc}", self.bot.clock.now())
-        self.cycle_ms.append((time.perf_counter() - started) * 1000.0)
         self.board.beat()
         wall = time.monotonic()
         if self._last_publish is None or wall - self._last_publish >= self.publish_every:

@@ -9,7 +9,6 @@ cycle with nothing new costs no store reads.
 from __future__ import annotations
 
 import logging
-import sqlite3
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -23,7 +22,6 @@ log = logging.getLogger(__name__)
 
 PRUNE_EVERY_SEC = 3600.0
 MIN_FRESHNESS_LIMIT_SEC = 180.0
-STORE_ERRORS = (sqlite3.Error, OSError)
 
 
 @dataclass(frozen=True)
@@ -115,7 +113,7 @@ class CandlePipeline:
                 elif st.newest_time is None or c.time > st.newest_time:
                     good.append(c)
             self.store.upsert_candles(self.pair, interval, good)
-        except (RetryLater, BadData, *STORE_ERRORS) as exc:
+        except (RetryLater, BadData) as exc:
             st.last_error, st.last_error_at = f"{type(exc).__name__}: {exc}", now
             log.warning("sync %s failed: %s", self.specs[interval].label, exc)
             return 0
@@ -146,7 +144,7 @@ class CandlePipeline:
                     self.pair, interval, older_than=int(now - self.retention_sec), keep_newest=spec.target
                 )
                 self.state[interval].available = self.store.count_candles(self.pair, interval)
-            except STORE_ERRORS as exc:
+            except RetryLater as exc:
                 log.warning("pruning %s failed: %s", spec.label, exc)
         return removed
 
@@ -159,7 +157,7 @@ class CandlePipeline:
         rows: list[Candle] = []
         try:
             rows = self.store.load_candles(self.pair, interval, count)
-        except STORE_ERRORS as exc:
+        except RetryLater as exc:
             log.warning("loading %s candles from the store failed: %s", label, exc)
         if len(rows) >= count:
             return rows

@@ -73,6 +73,4 @@ class SimClock:
             return
         if math.isfinite(self.speed):
             self._stop.wait(seconds / self.speed)
-        else:
-            time.sleep(0)  # no waiting, but let other threads (the HTTP server) take the GIL
         self.advance(seconds)

@@ -27,6 +27,7 @@ from collections import deque
 from collections.abc import Sequence
 
 import numpy as np
+from hmmlearn.base import BaseHMM
 from hmmlearn.hmm import GaussianHMM
 from scipy.signal import lfilter
 
@@ -88,6 +89,31 @@ def compute_features(candles: Sequence[Candle]) -> np.ndarray:
     out[:WARMUP_ROWS] = np.nan
     out[~np.isfinite(out).all(axis=1)] = np.nan
     return out
+
+
+class _GaussianHMM(GaussianHMM):
+    """hmmlearn's ``GaussianHMM`` with a faster E-step statistic for full covariances.
+
+    hmmlearn 0.3.3 accumulates the per-state second moments with a
+    three-operand ``einsum``, about a third of a fit's time here; one matrix
+    product per state gives the same numbers (tested against the stock class)
+    in a fraction of the time. Everything else is hmmlearn's.
+    """
+
+    def _accumulate_sufficient_statistics(self, stats, X, lattice, posteriors, fwdlattice, bwdlattice):  # noqa: N803 (hmmlearn passes X by name)
+        if self.covariance_type != "full":
+            return super()._accumulate_sufficient_statistics(stats, X, lattice, posteriors, fwdlattice, bwdlattice)
+        BaseHMM._accumulate_sufficient_statistics(
+            self, stats=stats, X=X, lattice=lattice, posteriors=posteriors, fwdlattice=fwdlattice,
+            bwdlattice=bwdlattice,
+        )  # fmt: skip
+        if self._needs_sufficient_statistics_for_mean():
+            stats["post"] += posteriors.sum(axis=0)
+            stats["obs"] += posteriors.T @ X
+        if self._needs_sufficient_statistics_for_covars():
+            for k in range(self.n_components):
+                stats["obs*obs.T"][k] += (X * posteriors[:, k, None]).T @ X
+        return None
 
 
 def stationary_distribution(transmat: np.ndarray) -> np.ndarray:
@@ -284,7 +310,7 @@ class RegimeDetector:
         return self
 
     def _new_model(self, seed: int) -> GaussianHMM:
-        return GaussianHMM(
+        return _GaussianHMM(
             n_components=N_STATES,
             covariance_type=self.covariance_type,
             n_iter=self.n_iter,
@@ -334,7 +360,7 @@ class RegimeDetector:
         anywhere.
         """
         z = (x[None, :, :] - self.means_[:, None, :]) @ self._chol_inv_t
-        loglik = (-0.5 * np.einsum("kni,kni->kn", z, z) + self._log_norm[:, None]).T
+        loglik = (-0.5 * np.square(z).sum(axis=2) + self._log_norm[:, None]).T
         lik = np.exp(loglik - loglik.max(axis=1, keepdims=True)).tolist()
         a = self._transmat_list
         p0, p1, p2 = self._window_prior

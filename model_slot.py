@@ -12,10 +12,12 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 
 import numpy as np
 
 from candles import Candle
+from config import Settings
 from errors import BadData
 from hmm_regime_detector import FeatureStream, RegimeDetector
 from regime_policy import NO_SIGNAL, RegimeSignal
@@ -64,6 +66,7 @@ class ModelSlot:
         self.signal: RegimeSignal = NO_SIGNAL
         self.last_error: str | None = None
         self._last_failure_at: float | None = None
+        self._packed: tuple[RegimeDetector, dict] | None = None
 
     @property
     def trained(self) -> bool:
@@ -101,8 +104,11 @@ class ModelSlot:
         started = time.perf_counter()
         spec = self.spec
         copies = decay_copies(len(rows), spec.decay_halflife) if spec.decay_enabled else None
-        effective = int(copies.sum()) if copies is not None else len(rows)
         tier = quality_tier(len(rows), spec.target, spec.min_samples)
+        record = partial(
+            RetrainRecord, time=now, model=spec.name, reason=reason, candles=len(rows),
+            quality_tier=tier.name if tier else None,
+        )  # fmt: skip
         try:
             if tier is None:
                 raise BadData(f"{len(rows)} candles is below the minimum of {spec.min_samples}")
@@ -111,43 +117,23 @@ class ModelSlot:
             self.last_error = f"training failed: {exc}"
             self._last_failure_at = now
             log.error("%s model: %s (keeping the previous model)", spec.name, self.last_error)
-            return RetrainRecord(
-                now,
-                spec.name,
-                reason,
-                len(rows),
-                tier.name if tier else None,
-                len(rows),
-                effective,
-                time.perf_counter() - started,
-                False,
-                str(exc),
-            )
+            effective = int(copies.sum()) if copies is not None else len(rows)
+            return record(
+                raw_samples=len(rows), effective_samples=effective, duration_sec=time.perf_counter() - started,
+                ok=False, error=str(exc),
+            )  # fmt: skip
         self.detector, self.trained_at = detector, now
         self.last_error, self._last_failure_at = None, None
-        record = RetrainRecord(
-            now,
-            spec.name,
-            reason,
-            len(rows),
-            tier.name,
-            detector.n_samples_,
-            detector.n_effective_samples_,
-            time.perf_counter() - started,
-            True,
-        )
+        done = record(
+            raw_samples=detector.n_samples_, effective_samples=detector.n_effective_samples_,
+            duration_sec=time.perf_counter() - started, ok=True,
+        )  # fmt: skip
         log.info(
             "%s model trained (%s): %d candles, tier %s, samples raw %d / effective %d, %d EM iterations, %.2fs",
-            spec.name,
-            reason,
-            len(rows),
-            tier.name,
-            record.raw_samples,
-            record.effective_samples,
-            detector.n_iter_run_,
-            record.duration_sec,
-        )
-        return record
+            spec.name, reason, len(rows), done.quality_tier, done.raw_samples, done.effective_samples,
+            detector.n_iter_run_, done.duration_sec,
+        )  # fmt: skip
+        return done
 
     def observe(self, candles: Sequence[Candle]) -> None:
         """Feed newly closed candles (oldest first) to the feature stream."""
@@ -185,7 +171,9 @@ class ModelSlot:
     def snapshot(self) -> dict | None:
         if not self.trained:
             return None
-        return {"trained_at": self.trained_at, "model": self.detector.to_dict()}
+        if self._packed is None or self._packed[0] is not self.detector:
+            self._packed = (self.detector, self.detector.to_dict())  # a fitted detector never changes
+        return {"trained_at": self.trained_at, "model": self._packed[1]}
 
     def restore(self, data: dict | None) -> bool:
         """Load a snapshot written by :meth:`snapshot`; ``False`` (and untouched) when unusable."""
@@ -199,3 +187,33 @@ class ModelSlot:
             return False
         self.detector, self.trained_at = detector, trained_at
         return True
+
+
+def model_slots(s: Settings) -> tuple[ModelSlot, ModelSlot | None]:
+    """The primary (1m) model and, when enabled, the secondary (15m) one, as configured."""
+
+    def slot(name: str, interval: int, target: int, min_samples: int, recent: int) -> ModelSlot:
+        spec = SlotSpec(
+            name, interval, target, min_samples, s.HMM_RETRAIN_INTERVAL_SEC,
+            s.HMM_DEEP_DECAY_ENABLED, s.HMM_DEEP_DECAY_HALFLIFE,
+        )  # fmt: skip
+        return ModelSlot(
+            spec,
+            lambda: RegimeDetector(
+                recent_candles=recent,
+                confidence_threshold=s.HMM_CONFIDENCE_THRESHOLD,
+                covariance_type=s.HMM_COVARIANCE_TYPE,
+                n_iter=s.HMM_N_ITER,
+                n_init=s.HMM_N_INIT,
+                random_state=s.HMM_RANDOM_STATE,
+            ),
+        )
+
+    primary = slot("primary", 1, s.HMM_TRAINING_CANDLES, s.HMM_MIN_TRAIN_SAMPLES, s.HMM_RECENT_CANDLES)
+    secondary = None
+    if s.HMM_SECONDARY_ENABLED:
+        secondary = slot(
+            "secondary", 15, s.HMM_SECONDARY_TRAINING_CANDLES, s.HMM_SECONDARY_MIN_TRAIN_SAMPLES,
+            s.HMM_SECONDARY_RECENT_CANDLES,
+        )  # fmt: skip
+    return primary, secondary

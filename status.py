@@ -76,6 +76,19 @@ def policy_block(policy: PolicySignal, modifier: float) -> dict[str, Any]:
     }
 
 
+def cycle_time_summary(cycle_ms: Iterable[float]) -> dict[str, float | None]:
+    """Last, median and 99th percentile of recent main-loop cycle times, in milliseconds."""
+    values = list(cycle_ms)
+    if not values:
+        return {"last": None, "p50": None, "p99": None}
+    ordered = sorted(values)
+    return {
+        "last": round(values[-1], 3),
+        "p50": round(ordered[len(ordered) // 2], 3),
+        "p99": round(ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))], 3),
+    }
+
+
 def suppressed_side(tier: int, direction: str) -> str | None:
     """The grid leg whose entries tier 2 suppresses: A (sell entries) when long, B (buy entries) when short."""
     if tier < 2:

@@ -12,17 +12,21 @@ import json
 import logging
 import sqlite3
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
 from candles import Candle
-from errors import ConfigError
+from errors import ConfigError, RetryLater
 
 log = logging.getLogger(__name__)
 
 
 class Store(Protocol):
+    """Every method raises :class:`errors.RetryLater` when the backend fails at run time
+    (locked, disk full, unreachable); the caller skips the step and tries again later."""
+
     def upsert_candles(self, pair: str, interval_min: int, candles: Sequence[Candle]) -> None:
         """Insert or replace closed candles (idempotent on the unique key)."""
 
@@ -99,6 +103,17 @@ TRANSITION_COLUMNS = (
 )
 
 
+@contextmanager
+def _faults(what: str) -> Iterator[None]:
+    """Runtime database faults become :class:`RetryLater`; misuse (a bug) is not masked."""
+    try:
+        yield
+    except (sqlite3.ProgrammingError, sqlite3.InterfaceError):
+        raise
+    except sqlite3.Error as exc:
+        raise RetryLater(f"store: {what} failed: {exc}") from exc
+
+
 class SQLiteStore:
     """:class:`Store` on a SQLite file in WAL mode (or ``:memory:``).
 
@@ -130,7 +145,7 @@ class SQLiteStore:
         if not candles:
             return
         rows = [(pair, interval_min, *c) for c in candles]
-        with self._lock, self._conn:
+        with _faults("writing candles"), self._lock, self._conn:
             self._conn.execute("BEGIN")
             self._conn.executemany(
                 "INSERT INTO ohlcv_candles (pair, interval_min, time, open, high, low, close, volume, trade_count) "
@@ -143,7 +158,7 @@ class SQLiteStore:
     def load_candles(self, pair: str, interval_min: int, limit: int) -> list[Candle]:
         if limit <= 0:
             return []
-        with self._lock:
+        with _faults("reading candles"), self._lock:
             rows = self._conn.execute(
                 "SELECT time, open, high, low, close, volume, trade_count FROM ohlcv_candles "
                 "WHERE pair = ? AND interval_min = ? ORDER BY time DESC LIMIT ?",
@@ -153,13 +168,13 @@ class SQLiteStore:
         return [Candle(*r) for r in rows]
 
     def count_candles(self, pair: str, interval_min: int) -> int:
-        with self._lock:
+        with _faults("counting candles"), self._lock:
             return self._conn.execute(
                 "SELECT COUNT(*) FROM ohlcv_candles WHERE pair = ? AND interval_min = ?", (pair, interval_min)
             ).fetchone()[0]
 
     def prune_candles(self, pair: str, interval_min: int, *, older_than: int, keep_newest: int) -> int:
-        with self._lock, self._conn:
+        with _faults("pruning candles"), self._lock, self._conn:
             self._conn.execute("BEGIN")
             floor = self._conn.execute(
                 "SELECT time FROM ohlcv_candles WHERE pair = ? AND interval_min = ? "
@@ -177,7 +192,7 @@ class SQLiteStore:
     # state ------------------------------------------------------------------
 
     def load_state(self, key: str) -> dict[str, Any] | None:
-        with self._lock:
+        with _faults("reading the state"), self._lock:
             row = self._conn.execute("SELECT data FROM bot_state WHERE key = ?", (key,)).fetchone()
         if row is None:
             return None
@@ -190,7 +205,7 @@ class SQLiteStore:
 
     def save_state(self, key: str, data: dict[str, Any], updated_at: float) -> None:
         text = json.dumps(data, separators=(",", ":"), allow_nan=False)
-        with self._lock, self._conn:
+        with _faults("saving the state"), self._lock, self._conn:
             self._conn.execute(
                 "INSERT INTO bot_state (key, data, updated_at) VALUES (?, ?, ?) "
                 "ON CONFLICT (key) DO UPDATE SET data = excluded.data, updated_at = excluded.updated_at",
@@ -201,7 +216,7 @@ class SQLiteStore:
 
     def record_tier_transition(self, row: dict[str, Any]) -> None:
         values = tuple(row.get(c) for c in TRANSITION_COLUMNS)
-        with self._lock, self._conn:
+        with _faults("recording a tier transition"), self._lock, self._conn:
             self._conn.execute(
                 f"INSERT INTO regime_tier_transitions ({', '.join(TRANSITION_COLUMNS)}) "
                 f"VALUES ({', '.join('?' for _ in TRANSITION_COLUMNS)})",
@@ -209,7 +224,7 @@ class SQLiteStore:
             )
 
     def tier_transitions(self, pair: str, limit: int = 50) -> list[dict[str, Any]]:
-        with self._lock:
+        with _faults("reading tier transitions"), self._lock:
             cur = self._conn.execute(
                 f"SELECT {', '.join(TRANSITION_COLUMNS)} FROM regime_tier_transitions "
                 "WHERE pair = ? ORDER BY id DESC LIMIT ?",

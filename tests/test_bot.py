@@ -274,4 +274,28 @@ def test_status_payload_has_the_documented_shape(tmp_path):
     assert "training_depth" not in st["hmm_data_pipeline"]["1m"]
     assert st["sim"]["true_regime"] in ("BEARISH", "RANGING", "BULLISH")
     assert st["settings"]["API_TOKEN"] == ""
+    cycle = st["health"]["cycle_ms"]
+    assert cycle["p99"] >= cycle["p50"] > 0 and cycle["last"] > 0
+    bot.store.close()
+
+
+def test_store_faults_are_reported_and_the_loop_goes_on(tmp_path):
+    import sqlite3
+
+    db = tmp_path / "sf.sqlite3"
+    bot = make_sim_bot(db)
+    run_ticks(bot, 4, 15)
+    other = sqlite3.connect(db)
+    other.execute("DROP TABLE bot_state")
+    other.execute("DROP TABLE ohlcv_candles")
+    other.commit()
+    other.close()
+    cycles = bot.cycles
+    run_ticks(bot, 12, 15)  # three minutes: syncs and snapshots fail
+    assert bot.cycles == cycles + 12
+    st = bot.status()
+    messages = [e["message"] for e in st["health"]["errors"]]
+    assert any("store: saving the state failed" in m for m in messages)
+    assert "store: writing candles failed" in st["hmm_data_pipeline"]["1m"]["last_error"]
+    assert st["hmm"]["primary"]["trained"]  # the model in memory carries on
     bot.store.close()

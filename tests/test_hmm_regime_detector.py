@@ -199,3 +199,20 @@ def test_stationary_distribution():
     # A reducible chain (no unique answer) still gives a usable prior.
     pi2 = stationary_distribution(np.eye(3))
     assert pi2.sum() == pytest.approx(1.0) and (pi2 > 0).all()
+
+
+def test_fast_sufficient_statistics_fit_exactly_like_hmmlearn(sim_data):
+    from hmm_regime_detector import _GaussianHMM
+
+    candles, _ = sim_data
+    f = compute_features(candles[:3000])
+    x = f[~np.isnan(f).any(axis=1)]
+    x = (x - x.mean(axis=0)) / x.std(axis=0)
+    for cov in ("full", "diag"):
+        kw = {"n_components": 3, "covariance_type": cov, "n_iter": 30, "tol": 1e-9, "random_state": 3,
+              "implementation": "scaling"}  # fmt: skip
+        stock, fast = GaussianHMM(**kw).fit(x), _GaussianHMM(**kw).fit(x)
+        assert fast.monitor_.iter == stock.monitor_.iter
+        np.testing.assert_allclose(fast.means_, stock.means_, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(fast.covars_, stock.covars_, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(fast.transmat_, stock.transmat_, rtol=1e-9, atol=1e-12)

@@ -6,7 +6,7 @@ import sqlite3
 import pytest
 
 from candles import Candle
-from errors import ConfigError
+from errors import ConfigError, RetryLater
 from store import SQLiteStore
 
 PAIR = "XDGUSD"
@@ -124,3 +124,20 @@ def test_unreadable_store_is_a_clear_config_error(tmp_path):
     path.write_bytes(b"this is not a database" * 100)
     with pytest.raises(ConfigError, match=r"cannot open the store at .*garbage\.sqlite3"):
         SQLiteStore(path)
+
+
+def test_runtime_faults_are_retry_later_and_misuse_is_not_masked(tmp_path):
+    path = tmp_path / "faulty.sqlite3"
+    s = SQLiteStore(path)
+    s.upsert_candles(PAIR, 1, candles(1_000_020, 5))
+    other = sqlite3.connect(path)
+    other.execute("DROP TABLE ohlcv_candles")
+    other.commit()
+    other.close()
+    with pytest.raises(RetryLater, match="store: counting candles failed: no such table"):
+        s.count_candles(PAIR, 1)
+    with pytest.raises(RetryLater, match="store: writing candles failed"):
+        s.upsert_candles(PAIR, 1, candles(1_000_020, 1))
+    s.save_state("k", {"still": "works"}, 1.0)  # the other tables are fine
+    assert s.load_state("k") == {"still": "works"}
+    s.close()
