@@ -16,12 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from collections.abc import Callable, Sequence
@@ -39,6 +36,9 @@ from hmm_regime_detector import RegimeDetector, compute_features
 from market_sim import SimulatedMarket, generate
 from regime_policy import BEARISH, BULLISH, RANGING, REGIMES
 from store import SQLiteStore
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "tests"))
+from bot_process import BotProcess
 
 ROOT = Path(__file__).resolve().parent
 DOGE = Path(os.environ.get("SHARED_DATA_DIR", ROOT.parent / "shared" / "data")) / "DOGEUSDT_1m.csv"
@@ -133,54 +133,6 @@ def bench_inference_and_cycle(results: dict) -> None:
 # --- processes ------------------------------------------------------------------------
 
 
-class Proc:
-    def __init__(self, args: list[str], cwd: str, env: dict | None = None) -> None:
-        full_env = {"PATH": os.environ.get("PATH", ""), "HOME": cwd, "PYTHONUNBUFFERED": "1", **(env or {})}
-        self.p = subprocess.Popen(
-            [sys.executable, str(ROOT / "bot.py"), *args],
-            cwd=cwd,
-            env=full_env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        self.lines: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        for raw in self.p.stdout:
-            self.lines.append(raw.rstrip())
-
-    def port(self, timeout: float = 60) -> int:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for ln in list(self.lines):
-                m = re.search(r"dashboard on http://[^:]+:(\d+)/", ln)
-                if m:
-                    return int(m.group(1))
-            time.sleep(0.05)
-        raise RuntimeError("bot did not start:\n" + "\n".join(self.lines))
-
-    def rss_mb(self) -> float:
-        text = Path(f"/proc/{self.p.pid}/status").read_text()
-        return int(re.search(r"VmRSS:\s+(\d+)", text).group(1)) / 1024
-
-    def stop(self) -> None:
-        if self.p.poll() is None:
-            self.p.terminate()
-            try:
-                self.p.wait(30)
-            except subprocess.TimeoutExpired:
-                self.p.kill()
-                self.p.wait()
-
-    def __enter__(self) -> Proc:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
 def status_once(port: int) -> dict:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/status", timeout=10) as r:
         return json.loads(r.read())
@@ -202,8 +154,8 @@ def bench_status_latency(results: dict) -> None:
                 "--log-level",
                 "INFO",
             ]
-            with Proc(args, tmp) as proc:
-                port = proc.port()
+            with BotProcess(args, cwd=Path(tmp)) as proc:
+                port = proc.wait_ready()
                 while status_once(port)["health"]["cycles"] < 5:
                     time.sleep(0.1)
                 lat = []
@@ -229,8 +181,8 @@ def bench_replay(results: dict) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         report_path = Path(tmp) / "report.json"
         t = time.perf_counter()
-        with Proc(["--replay", str(DOGE), "--report", str(report_path), "--log-level", "WARNING"], tmp) as proc:
-            proc.p.wait()
+        with BotProcess(["--replay", str(DOGE), "--report", str(report_path)], cwd=Path(tmp)) as proc:
+            proc.proc.wait()
         wall = time.perf_counter() - t
         report = json.loads(report_path.read_text())
     primary = [r for r in report["retrains"] if r["model"] == "primary"]
@@ -256,8 +208,8 @@ def bench_memory(results: dict, seconds: float) -> None:
     print(f"Resident memory of python bot.py --market sim --speed max over {seconds:.0f} s of wall time")
     with tempfile.TemporaryDirectory() as tmp:
         args = ["--market", "sim", "--speed", "max", "--port", "0", "--db", f"{tmp}/m.sqlite3", "--log-level", "INFO"]
-        with Proc(args, tmp) as proc:
-            port = proc.port()
+        with BotProcess(args, cwd=Path(tmp)) as proc:
+            port = proc.wait_ready()
             samples = []
             start = time.monotonic()
             while time.monotonic() - start < seconds:

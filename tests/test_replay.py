@@ -109,3 +109,18 @@ def test_replay_of_real_doge_candles(tmp_path, bot_process):
     assert report["candles"] == 6000
     assert report["first_candle_time"] == 1679666400
     assert {r["quality_tier"] for r in report["retrains"] if r["model"] == "primary"} >= {"shallow", "baseline"}
+
+
+def test_replay_with_serve_keeps_the_dashboard_up_until_stopped(tmp_path, bot_process):
+    candles, _ = generate(900, seed=12)
+    csv = tmp_path / "short.csv"
+    write_csv(csv, candles)
+    p = bot_process(["--replay", str(csv), "--serve", "--port", "0", "--report", str(tmp_path / "r.json")])
+    p.wait_ready()
+    p.wait_for_log("serving the dashboard until Ctrl-C", timeout=60)
+    code, status = p.get_json("/api/status")
+    assert code == 200 and status["mode"] == "replay"
+    assert status["health"]["cycles"] == len(candles)
+    assert status["now"] == candles[-1].time + 60
+    assert (tmp_path / "r.json").exists()
+    assert p.terminate() == 0
