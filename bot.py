@@ -29,7 +29,7 @@ from threadpoolctl import threadpool_limits
 import dashboard
 from candle_pipeline import CandlePipeline, FeedSpec
 from candles import MarketData, read_candles_csv
-from clock import Clock, SimClock, WallClock
+from clock import Clock, SimClock, WallClock, iso_utc
 from config import Settings, load_settings
 from errors import BadData, BotError, ConfigError, RetryLater
 from http_api import ActionRouter, ApiContext, ApiServer, StatusBoard
@@ -48,7 +48,7 @@ from regime_policy import (
     policy_signal,
 )
 from replay import ReplayMarket, replay_report
-from status import consensus_block, cycle_time_summary, iso_utc, model_block, policy_block, regime_tier_block
+from status import consensus_block, cycle_time_summary, model_block, policy_block, regime_tier_block
 from store import SQLiteStore, Store
 
 log = logging.getLogger("bot")

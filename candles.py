@@ -130,6 +130,8 @@ def read_candles_csv(path: str | Path) -> list[Candle]:
             problem = candle_problem(candle)
             if problem:
                 raise BadData(f"{path}:{line_no}: {problem}")
+            if candle.time > 100_000_000_000:
+                raise BadData(f"{path}:{line_no}: time {candle.time} looks like milliseconds; unix seconds are needed")
             if out and candle.time <= out[-1].time:
                 raise BadData(f"{path}:{line_no}: times must be strictly ascending")
             out.append(candle)

@@ -12,7 +12,15 @@ from __future__ import annotations
 import math
 import threading
 import time
+from datetime import UTC, datetime
 from typing import Protocol
+
+
+def iso_utc(ts: float | None) -> str | None:
+    """``2026-01-01T00:00:00Z`` for a unix time (``None`` stays ``None``)."""
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class Clock(Protocol):

@@ -7,17 +7,10 @@ Every key is documented in ``README.md`` (section "Status payload").
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from datetime import UTC, datetime
 from typing import Any
 
 from regime_policy import LONG_BIAS, SHORT_BIAS, PolicySignal, RegimeSignal, TierDecision, TierState
 from training_depth import TrainingDepth
-
-
-def iso_utc(ts: float | None) -> str | None:
-    if ts is None:
-        return None
-    return datetime.fromtimestamp(ts, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _r(x: float | None, digits: int = 4) -> float | None:

@@ -8,10 +8,11 @@ quality tier's modifier before tier gating.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
 from fractions import Fraction
 
 import numpy as np
+
+from clock import iso_utc
 
 
 @dataclass(frozen=True)
@@ -103,16 +104,12 @@ def training_depth(
         quality_tier=tier.name if tier else None,
         confidence_modifier=tier.confidence_modifier if tier else 0.0,
         pct_complete=round(min(100.0, 100.0 * current / max(target, 1)), 1),
-        estimated_full_at=None if eta_sec is None else _iso_utc(now + eta_sec),
+        estimated_full_at=None if eta_sec is None else iso_utc(now + eta_sec),
         estimated_full_in_sec=eta_sec,
         available_candles=available,
         raw_samples=raw_samples,
         effective_samples=effective_samples,
     )
-
-
-def _iso_utc(ts: float) -> str:
-    return datetime.fromtimestamp(ts, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def retrain_reason(

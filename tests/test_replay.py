@@ -35,6 +35,10 @@ def test_csv_reader_round_trip(tmp_path):
         ("time,open,high,low,close,volume\n60,1,0.5,1,1,1\n", r":2: high/low do not bracket"),
         ("time,open,high,low,close,volume\n60,-1,1,-1,1,1\n", r":2: prices must be finite and positive"),
         ("time,open,high,low,close,volume\n", "no candles"),
+        (
+            "time,open,high,low,close,volume\n1679666400000,1,1,1,1,1\n",
+            r":2: time 1679666400000 looks like milliseconds",
+        ),
     ],
 )
 def test_csv_reader_rejects_bad_files_with_the_line(tmp_path, text, message):
