@@ -26,8 +26,8 @@ from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
 
 import dashboard
+from clock import iso_utc
 from http_api import ActionRouter, ApiContext, ApiServer, StatusBoard
-from status import iso_utc
 
 pytestmark = pytest.mark.browser
 
