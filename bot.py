@@ -497,7 +497,6 @@ class App:
     runner: Runner
     board: StatusBoard
     server: ApiServer | None
-    stop_event: threading.Event
     until: Callable[[], bool] | None = None
     replay: ReplayMarket | None = None
     cleanup: list[Callable[[], None]] = field(default_factory=list)
@@ -546,7 +545,7 @@ def build_app(args: argparse.Namespace, settings: Settings, stop_event: threadin
         server = ApiServer(s.HTTP_HOST, s.HTTP_PORT, ctx)
     runner = Runner(bot, board, interval_sec=interval, stop_event=stop_event)
     until = (lambda: replay_market.finished) if replay_market else None
-    return App(bot, runner, board, server, stop_event, until, replay_market, [store.close])
+    return App(bot, runner, board, server, until, replay_market, [store.close])
 
 
 def _sim_resume_time(store: Store, s: Settings) -> float:

@@ -7,7 +7,6 @@ Nothing here reads a clock or does I/O; ``now`` is always an argument.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 BEARISH, RANGING, BULLISH = "BEARISH", "RANGING", "BULLISH"
@@ -25,10 +24,6 @@ class RegimeSignal:
     confidence: float  # top probability minus the second
     bias_signal: float  # P(bull) - P(bear), 0 below the confidence threshold
     probabilities: tuple[float, float, float] | None  # bearish, ranging, bullish
-
-    @property
-    def directional(self) -> bool:
-        return self.regime != RANGING
 
 
 NO_SIGNAL = RegimeSignal(RANGING, 0.0, 0.0, None)
@@ -223,9 +218,9 @@ class HistoryEntry:
 class RegimeHistory:
     """Rolling record of policy regime evaluations over the last ``window_sec``."""
 
-    def __init__(self, window_sec: float = 1800.0, entries: Iterable[HistoryEntry] = ()) -> None:
+    def __init__(self, window_sec: float = 1800.0) -> None:
         self.window_sec = window_sec
-        self._entries: deque[HistoryEntry] = deque(entries)
+        self._entries: deque[HistoryEntry] = deque()
 
     def append(self, ts: float, regime: str, conf: float) -> None:
         self._entries.append(HistoryEntry(float(ts), regime, round(float(conf), 4)))
