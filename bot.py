@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ from typing import Any
 from threadpoolctl import threadpool_limits
 
 import dashboard
+from ai_advisor import Panel, build_regime_context
 from candle_pipeline import CandlePipeline, FeedSpec
 from candles import MarketData, read_candles_csv
 from clock import Clock, SimClock, WallClock, iso_utc
@@ -36,6 +37,7 @@ from http_api import ActionRouter, ApiContext, ApiServer, StatusBoard
 from kraken_client import KrakenPublicClient
 from market_sim import SimulatedMarket
 from model_slot import ModelSlot, model_slots
+from regime_advisor import RegimeAdvisor
 from regime_policy import (
     NO_SIGNAL,
     SYMMETRIC,
@@ -48,7 +50,14 @@ from regime_policy import (
     policy_signal,
 )
 from replay import ReplayMarket, replay_report
-from status import consensus_block, cycle_time_summary, model_block, policy_block, regime_tier_block
+from status import (
+    consensus_block,
+    cycle_time_summary,
+    effective_tier_block,
+    model_block,
+    policy_block,
+    regime_tier_block,
+)
 from store import SQLiteStore, Store
 
 log = logging.getLogger("bot")
@@ -81,6 +90,7 @@ class Bot:
         market: MarketData,
         store: Store,
         truth: Callable[[], str | None] | None = None,
+        panel: Panel | None = None,
     ) -> None:
         s = settings
         self.settings, self.mode, self.clock, self.market, self.store = s, mode, clock, market, store
@@ -121,6 +131,9 @@ class Bot:
         self._last_account_at = now
         self._last_snapshot_at: float | None = None
         self._dirty = False
+        self._saved_snapshot: dict[str, Any] | None = None
+        self._save_lock = threading.Lock()  # the loop's snapshot vs an operator action's
+        self.advisor = RegimeAdvisor(s, store=store, record_error=self.record_error, panel=panel)
 
     # lifecycle ----------------------------------------------------------------
 
@@ -130,8 +143,10 @@ class Bot:
         snap = self.store.load_state(self.snapshot_key)
         if snap:
             self._restore(snap)
+        self.advisor.start()
 
     def shutdown(self) -> None:
+        self.advisor.stop()
         self.save_snapshot(self.clock.now())
 
     # the cycle ----------------------------------------------------------------
@@ -145,6 +160,7 @@ class Bot:
         retrained = self._retrain_models(now)
         self._evaluate_models(now, force=retrained)
         self._update_tier(now)
+        self._consult_advisor(now)
         self.history.trim(now)
         self._save_snapshot_if_due(now)
         self.cycles += 1
@@ -265,6 +281,20 @@ class Bot:
         except RetryLater as exc:  # the transition already happened; a lost audit row is reported
             self.record_error("store", str(exc), now)
 
+    def _consult_advisor(self, now: float) -> None:
+        was = self.advisor.override
+        self.advisor.step(
+            now,
+            mech=self.mechanical_state(),
+            agreement=self.policy.agreement,
+            capacity_band=self.capacity_band,
+            price=self.pipeline.price(),
+            ready=self.primary.trained,
+            make_context=lambda: build_regime_context(self.status(), operational=None),
+        )
+        if self.advisor.override is not was:
+            self._dirty = True
+
     def mechanical_state(self) -> TierState:
         if self.settings.REGIME_DIRECTIONAL_ENABLED:
             return self.tier_state
@@ -299,16 +329,40 @@ class Bot:
             "pinned_since": self.pinned_since,
             "models": {slot.spec.name: slot.snapshot() for slot in self.slots()},
             "regime_history": self.history.to_list(),
+            "advisor": self.advisor.snapshot(),
         }
 
     def save_snapshot(self, now: float) -> None:
-        try:
-            self.store.save_state(self.snapshot_key, self.snapshot(now), now)
-        except RetryLater as exc:  # keep going; the next cycle tries again
-            self.record_error("store", str(exc), now)
-            log.error("%s", exc)
-            return
+        with self._save_lock:
+            snap = self.snapshot(now)
+            try:
+                self.store.save_state(self.snapshot_key, snap, now)
+            except RetryLater as exc:  # keep going; the next cycle tries again
+                self.record_error("store", str(exc), now)
+                log.error("%s", exc)
+                return
+            self._saved_snapshot = snap
         self._last_snapshot_at, self._dirty = now, False
+
+    def _save_advisor_change(self, now: float) -> bool:
+        """Persist an operator action at once (HTTP thread): the last snapshot with the new advisor state.
+
+        Building a whole snapshot here would read the loop's state mid-cycle,
+        so only the advisor part is replaced; the loop saves in full next cycle.
+        """
+        self._dirty = True
+        with self._save_lock:
+            base = self._saved_snapshot
+            if base is None:
+                return False
+            snap = {**base, "advisor": self.advisor.snapshot(), "saved_at": max(base["saved_at"], now)}
+            try:
+                self.store.save_state(self.snapshot_key, snap, now)
+            except RetryLater as exc:
+                self.record_error("store", str(exc), now)
+                return False
+            self._saved_snapshot = snap
+            return True
 
     def _restore(self, snap: dict[str, Any]) -> None:
         if snap.get("version") != SNAPSHOT_VERSION or snap.get("pair") != self.settings.PAIR:
@@ -326,6 +380,7 @@ class Bot:
                 self.history.append(float(entry["ts"]), str(entry["regime"]), float(entry["conf"]))
         except (KeyError, TypeError, ValueError) as exc:
             log.warning("snapshot tier state unusable (%s); starting at tier 0", exc)
+        self.advisor.restore(snap.get("advisor"), self.clock.now())
         models = snap.get("models") or {}
         for slot in self.slots():
             if slot.restore(models.get(slot.spec.name)):
@@ -361,7 +416,7 @@ class Bot:
 
         pipeline = self.pipeline.health(now)
         age = None if self.last_cycle_at is None else now - self.last_cycle_at
-        return {
+        status = {
             "mode": self.mode,
             "pair": s.PAIR,
             "now": now,
@@ -384,7 +439,7 @@ class Bot:
             ),
             "regime_history_30m": self.history.to_list(),
             "price_history": list(self.price_history),
-            "ai_regime_advisor": None,
+            "ai_regime_advisor": None,  # filled by advisor_view
             "grid": None,
             "sim": {"true_regime": self._truth()} if self._truth else None,
             "health": {
@@ -399,6 +454,49 @@ class Bot:
             },
             "settings": s.redacted(),
         }
+        return self.advisor_view(status)
+
+    def advisor_view(self, status: dict[str, Any]) -> dict[str, Any]:
+        """``status`` with the advisor block and the effective tier as they are now.
+
+        The main loop uses it for every status; after an operator action the
+        HTTP thread uses it to refresh the published status without waiting
+        for the next cycle.
+        """
+        now = self.clock.now()
+        mech = self.mechanical_state()
+        effective, source = self.advisor.effective(mech)
+        ready = self.primary.trained
+        block = self.advisor.status_block(
+            now,
+            mech=mech,
+            capacity_band=self.capacity_band,
+            directional_enabled=self.settings.REGIME_DIRECTIONAL_ENABLED,
+            ready=ready,
+        )
+        tier = {**status["regime_tier"], **effective_tier_block(effective, source)}
+        return {**status, "regime_tier": tier, "ai_regime_advisor": block}
+
+    # operator actions (called from HTTP threads through the action router) ----------------
+
+    def ai_regime_override(self, payload: Mapping[str, Any]) -> dict[str, Any]:
+        now = self.clock.now()
+        result = self.advisor.apply(
+            payload,
+            now,
+            mech=self.mechanical_state(),
+            capacity_band=self.capacity_band,
+            directional_enabled=self.settings.REGIME_DIRECTIONAL_ENABLED,
+        )
+        return {**result, "saved": self._save_advisor_change(now)}
+
+    def ai_regime_revert(self, payload: Mapping[str, Any]) -> dict[str, Any]:
+        now = self.clock.now()
+        result = self.advisor.revert(payload, now, mech=self.mechanical_state())
+        return {**result, "saved": self._save_advisor_change(now)}
+
+    def ai_regime_dismiss(self, payload: Mapping[str, Any]) -> dict[str, Any]:
+        return self.advisor.dismiss(payload, self.clock.now(), mech=self.mechanical_state())
 
 
 class Runner:
@@ -417,6 +515,7 @@ class Runner:
         self.stop_event = stop_event
         self.publish_every = publish_every_wall_sec
         self._last_publish: float | None = None
+        self._publish_lock = threading.Lock()
 
     def run(self, until: Callable[[], bool] | None = None) -> None:
         clock = self.bot.clock
@@ -441,8 +540,25 @@ class Runner:
             self.publish()
 
     def publish(self) -> None:
-        self.board.publish(self.bot.status())
+        with self._publish_lock:
+            self.board.publish(self.bot.status())
         self._last_publish = time.monotonic()
+
+    def action(self, handler: Callable[[Mapping[str, Any]], dict[str, Any]]) -> Callable[[Mapping], dict]:
+        """``handler`` for the action router: the published status shows its effect when it returns.
+
+        The lock keeps a status built before the action from being published after it.
+        """
+
+        def run(payload: Mapping[str, Any]) -> dict[str, Any]:
+            with self._publish_lock:
+                result = handler(payload)
+                current = self.board.status()
+                if current is not None:
+                    self.board.publish(self.bot.advisor_view(current))
+            return result
+
+        return run
 
 
 # wiring ---------------------------------------------------------------------
@@ -539,11 +655,13 @@ def build_app(args: argparse.Namespace, settings: Settings, stop_event: threadin
     bot = Bot(s, mode=mode, clock=clock, market=market, store=store, truth=truth)
     board = StatusBoard()
     router = ActionRouter()
+    runner = Runner(bot, board, interval_sec=interval, stop_event=stop_event)
+    for name in ("ai_regime_override", "ai_regime_revert", "ai_regime_dismiss"):
+        router.register(name, runner.action(getattr(bot, name)))
     server = None
     if not args.replay or args.serve:
         ctx = ApiContext(board, router, dashboard.render_page(), s.API_TOKEN, 3 * s.LOOP_INTERVAL_SEC)
         server = ApiServer(s.HTTP_HOST, s.HTTP_PORT, ctx)
-    runner = Runner(bot, board, interval_sec=interval, stop_event=stop_event)
     until = (lambda: replay_market.finished) if replay_market else None
     return App(bot, runner, board, server, until, replay_market, [store.close])
 

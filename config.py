@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 # Environment variables with these prefixes are ours; an unknown one is
 # probably a typo and is reported instead of silently ignored.
-OWN_PREFIXES = ("HMM_", "REGIME_", "OHLCV_", "KRAKEN_", "SIM_", "CONSENSUS_")
+OWN_PREFIXES = ("HMM_", "REGIME_", "OHLCV_", "KRAKEN_", "SIM_", "CONSENSUS_", "AI_", "GROQ_", "NVIDIA_", "GRID_")
 
 
 def _setting(
@@ -98,6 +98,38 @@ class Settings:
     REGIME_TIER2_BIAS_FLOOR: float = _setting(0.25, "Smallest |bias| for tier 2", lo=0, hi=1)
     REGIME_HYSTERESIS: float = _setting(0.05, "Downgrade only this far below a tier's threshold", lo=0, hi=0.5)
     REGIME_MIN_DWELL_SEC: float = _setting(300.0, "No tier change sooner than this after the last", lo=0, hi=86400)
+    # --- AI regime advisor ----------------------------------------------------
+    AI_REGIME_ADVISOR_ENABLED: bool = _setting(False, "Ask an LLM panel for a second opinion on the regime tier")
+    AI_REGIME_INTERVAL_SEC: float = _setting(300.0, "Ask the advisor this often", lo=30, hi=86400)
+    AI_REGIME_DEBOUNCE_SEC: float = _setting(60.0, "Never ask twice within this many seconds", lo=0, hi=3600)
+    AI_OVERRIDE_TTL_SEC: float = _setting(1800.0, "Default lifetime of an applied override", lo=60, hi=86400)
+    AI_OVERRIDE_MAX_TTL_SEC: float = _setting(3600.0, "Longest lifetime an override may ask for", lo=60, hi=86400)
+    AI_OVERRIDE_MIN_CONVICTION: int = _setting(50, "Conviction (0-100) an opinion needs to be applied", lo=0, hi=100)
+    AI_REGIME_HISTORY_SIZE: int = _setting(12, "Opinions kept in the in-memory history", lo=1, hi=1000)
+    AI_REGIME_PREFER_REASONING: bool = _setting(True, "Ask the reasoning model first (else after the instruct ones)")
+    AI_REASONING_TIMEOUT_SEC: float = _setting(30.0, "Timeout of one call to a reasoning model", lo=1, hi=600)
+    AI_INSTRUCT_TIMEOUT_SEC: float = _setting(15.0, "Timeout of one call to an instruct model", lo=1, hi=600)
+    AI_PANELIST_MAX_FAILURES: int = _setting(2, "Consecutive failures after which a panelist cools down", lo=1, hi=100)
+    AI_PANELIST_COOLDOWN_SEC: float = _setting(
+        300.0, "Cool-down after repeated failures (or a 429 without Retry-After)", lo=1, hi=86400
+    )
+    AI_SCORECARD_HORIZON_SEC: float = _setting(1800.0, "Score each opinion against the price this much later", lo=60)
+    AI_REASONING_MODEL: str = _setting("moonshotai/kimi-k2-thinking", "Model id of the reasoning panelist (Kimi)")
+    AI_REASONING_PROVIDER: str = _setting("nvidia", "Provider of the reasoning panelist", choices=("nvidia", "groq"))
+    AI_LLAMA70B_MODEL: str = _setting("llama-3.3-70b-versatile", "Model id of the Llama 70B panelist")
+    AI_LLAMA70B_PROVIDER: str = _setting("groq", "Provider of the Llama 70B panelist", choices=("groq", "nvidia"))
+    AI_LLAMA8B_MODEL: str = _setting("llama-3.1-8b-instant", "Model id of the Llama 8B panelist")
+    AI_LLAMA8B_PROVIDER: str = _setting("groq", "Provider of the Llama 8B panelist", choices=("groq", "nvidia"))
+    GROQ_API_KEY: str = _setting("", "Groq API key (enables the panelists hosted on Groq)", secret=True)
+    GROQ_BASE_URL: str = _setting("https://api.groq.com/openai/v1", "Groq's OpenAI-compatible endpoint")
+    NVIDIA_API_KEY: str = _setting("", "NVIDIA API key (enables the panelists hosted on NVIDIA)", secret=True)
+    NVIDIA_BASE_URL: str = _setting("https://integrate.api.nvidia.com/v1", "NVIDIA's OpenAI-compatible endpoint")
+    AI_BASE_URL: str = _setting("", "Any OpenAI-compatible endpoint, asked first (e.g. http://127.0.0.1:11434/v1)")
+    AI_API_KEY: str = _setting("", "API key of AI_BASE_URL (may stay empty for a local Ollama)", secret=True)
+    AI_MODEL: str = _setting("", "Model id at AI_BASE_URL")
+    AI_MODEL_KIND: str = _setting("instruct", "Kind of AI_MODEL", choices=("instruct", "reasoning"))
+    # --- grid ---------------------------------------------------------------
+    GRID_ENTRY_PCT: float = _setting(0.35, "Distance of grid entries from the market, percent of price", lo=0.01, hi=20)
 
     def redacted(self) -> dict[str, Any]:
         """All settings with secrets masked: safe to log or display."""
@@ -282,6 +314,26 @@ def _cross_checks(s: Settings) -> list[str]:
     )
     need(bool(s.PAIR.strip()) and s.PAIR.isalnum(), f"PAIR={s.PAIR!r} is invalid: expected letters and digits")
     need(bool(s.DB_PATH.strip()), "DB_PATH is empty: expected a file path")
+    need(
+        s.AI_OVERRIDE_TTL_SEC <= s.AI_OVERRIDE_MAX_TTL_SEC,
+        f"AI_OVERRIDE_TTL_SEC={s.AI_OVERRIDE_TTL_SEC:g} must be at most "
+        f"AI_OVERRIDE_MAX_TTL_SEC={s.AI_OVERRIDE_MAX_TTL_SEC:g}",
+    )
+    for key in ("GROQ_BASE_URL", "NVIDIA_BASE_URL", "AI_BASE_URL"):
+        url = getattr(s, key)
+        need(
+            not url or url.startswith(("http://", "https://")),
+            f"{key}={url!r} is invalid: expected an http:// or https:// URL",
+        )
+    need(
+        bool(s.AI_BASE_URL) == bool(s.AI_MODEL),
+        "AI_BASE_URL and AI_MODEL go together: set both to add an OpenAI-compatible panelist, or neither",
+    )
+    need(
+        not s.AI_REGIME_ADVISOR_ENABLED or bool(s.GROQ_API_KEY or s.NVIDIA_API_KEY or s.AI_BASE_URL),
+        "AI_REGIME_ADVISOR_ENABLED=true needs a panelist: set GROQ_API_KEY, NVIDIA_API_KEY, "
+        "or AI_BASE_URL and AI_MODEL",
+    )
     need(
         is_loopback(s.HTTP_HOST) or bool(s.API_TOKEN),
         f"HTTP_HOST={s.HTTP_HOST!r} is not a loopback address: set API_TOKEN before "

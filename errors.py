@@ -29,3 +29,11 @@ class BadData(BotError):
 
 class ConfigError(BotError):
     """The configuration is invalid; the process must not start."""
+
+
+class ActionRefused(Exception):
+    """An operator action answered with an error status (400, 409, ...) that changed nothing."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status

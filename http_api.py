@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from errors import ConfigError
+from errors import ActionRefused, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -71,14 +71,6 @@ class StatusBoard:
     def last_cycle_age(self) -> float | None:
         with self._lock:
             return None if self._last_beat is None else self._monotonic() - self._last_beat
-
-
-class ActionRefused(Exception):
-    """An action request that is answered with an error status and changes nothing."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 ActionHandler = Callable[[Mapping[str, Any]], Mapping[str, Any]]

@@ -115,8 +115,15 @@ def regime_tier_block(
             "wanted_direction": decision.wanted_direction if decision else "symmetric",
             "held_because": (decision.reason or None) if decision and not decision.changed else None,
         },
-        "effective": {"tier": mech["tier"], "direction": mech["direction"], "source": "mechanical"},
-        "suppressed_side": suppressed_side(mech["tier"], mech["direction"]),
+        **effective_tier_block(TierState(mech["tier"], mech["direction"], mech["since"]), "mechanical"),
         "capacity_band": capacity_band,
         "recent_transitions": list(transitions),
+    }
+
+
+def effective_tier_block(effective: TierState, source: str) -> dict[str, Any]:
+    """The tier the grid follows (``mechanical`` or ``ai_override``) and the entry side it suppresses."""
+    return {
+        "effective": {"tier": effective.tier, "direction": effective.direction, "source": source},
+        "suppressed_side": suppressed_side(effective.tier, effective.direction),
     }

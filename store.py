@@ -3,7 +3,8 @@
 Nothing outside this module (and the backend modules that implement
 :class:`Store`) knows which backend is active. Tables follow SPEC section 2:
 ``ohlcv_candles`` unique on ``(pair, interval_min, time)``, ``bot_state``
-holding the snapshot under one key, ``regime_tier_transitions``.
+holding the snapshot under one key, ``regime_tier_transitions``, and
+``ai_regime_opinions`` (SPEC section 6) unique on ``(pair, ts)``.
 """
 
 from __future__ import annotations
@@ -48,6 +49,15 @@ class Store(Protocol):
     def tier_transitions(self, pair: str, limit: int = 50) -> list[dict[str, Any]]:
         """The newest tier transitions, newest first."""
 
+    def record_ai_opinion(self, row: dict[str, Any]) -> None:
+        """Write one consumed advisor opinion (idempotent on ``(pair, ts)``)."""
+
+    def record_ai_opinion_outcome(self, pair: str, ts: float, *, price_after: float, hit: bool) -> None:
+        """Add the scorecard's verdict to the opinion written at ``ts``."""
+
+    def ai_opinions(self, pair: str, limit: int = 50) -> list[dict[str, Any]]:
+        """The newest opinions, newest first."""
+
     def close(self) -> None: ...
 
 
@@ -85,7 +95,43 @@ CREATE TABLE IF NOT EXISTS regime_tier_transitions (
     shadow INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS regime_tier_transitions_pair_ts ON regime_tier_transitions (pair, ts);
+CREATE TABLE IF NOT EXISTS ai_regime_opinions (
+    pair TEXT NOT NULL,
+    ts REAL NOT NULL,
+    panelist TEXT NOT NULL,
+    model TEXT,
+    mechanical_tier INTEGER NOT NULL,
+    mechanical_direction TEXT NOT NULL,
+    ai_tier INTEGER NOT NULL,
+    ai_direction TEXT NOT NULL,
+    conviction INTEGER NOT NULL,
+    agreement TEXT NOT NULL,
+    rationale TEXT NOT NULL,
+    watch_for TEXT NOT NULL,
+    latency_sec REAL,
+    price REAL,
+    price_after REAL,
+    hit INTEGER,
+    PRIMARY KEY (pair, ts)
+);
 """
+
+OPINION_COLUMNS = (
+    "pair",
+    "ts",
+    "panelist",
+    "model",
+    "mechanical_tier",
+    "mechanical_direction",
+    "ai_tier",
+    "ai_direction",
+    "conviction",
+    "agreement",
+    "rationale",
+    "watch_for",
+    "latency_sec",
+    "price",
+)
 
 TRANSITION_COLUMNS = (
     "ts",
@@ -231,6 +277,34 @@ class SQLiteStore:
                 (pair, limit),
             )
             return [dict(zip(TRANSITION_COLUMNS, r, strict=True)) for r in cur.fetchall()]
+
+    def record_ai_opinion(self, row: dict[str, Any]) -> None:
+        values = tuple(row.get(c) for c in OPINION_COLUMNS)
+        with _faults("recording an AI opinion"), self._lock, self._conn:
+            self._conn.execute(
+                f"INSERT INTO ai_regime_opinions ({', '.join(OPINION_COLUMNS)}) "
+                f"VALUES ({', '.join('?' for _ in OPINION_COLUMNS)}) ON CONFLICT (pair, ts) DO NOTHING",
+                values,
+            )
+
+    def record_ai_opinion_outcome(self, pair: str, ts: float, *, price_after: float, hit: bool) -> None:
+        with _faults("scoring an AI opinion"), self._lock, self._conn:
+            self._conn.execute(
+                "UPDATE ai_regime_opinions SET price_after = ?, hit = ? WHERE pair = ? AND ts = ?",
+                (price_after, int(hit), pair, ts),
+            )
+
+    def ai_opinions(self, pair: str, limit: int = 50) -> list[dict[str, Any]]:
+        columns = (*OPINION_COLUMNS, "price_after", "hit")
+        with _faults("reading AI opinions"), self._lock:
+            cur = self._conn.execute(
+                f"SELECT {', '.join(columns)} FROM ai_regime_opinions WHERE pair = ? ORDER BY ts DESC LIMIT ?",
+                (pair, limit),
+            )
+            rows = [dict(zip(columns, r, strict=True)) for r in cur.fetchall()]
+        for row in rows:
+            row["hit"] = None if row["hit"] is None else bool(row["hit"])
+        return rows
 
     def close(self) -> None:
         with self._lock:

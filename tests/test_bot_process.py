@@ -25,10 +25,12 @@ def test_sim_serves_status_and_health_and_stops_cleanly(tmp_path, bot_process):
     assert code == 200 and health["ok"] is True
     code, headers, page = p.request("GET", "/")
     assert code == 200 and b"<html" in page.lower() and headers["Content-Type"].startswith("text/html")
+    code, _, body = p.request("POST", "/api/action", b'{"action": "grid_pause"}', {"Content-Type": "application/json"})
+    assert code == 400 and "unknown action" in json.loads(body)["error"]
     code, _, body = p.request(
         "POST", "/api/action", b'{"action": "ai_regime_override"}', {"Content-Type": "application/json"}
     )
-    assert code == 400 and "unknown action" in json.loads(body)["error"]
+    assert code == 409 and "AI advisor is disabled" in json.loads(body)["error"]
     assert p.terminate() == 0
     assert "SIGTERM received: stopping" in p.output and "stopped cleanly" in p.output
 
