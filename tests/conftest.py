@@ -4,13 +4,14 @@ and a real ``python bot.py`` subprocess."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from bot_process import BotProcess
 
+from ai_advisor import Panel
 from bot import Bot
 from clock import SimClock
 from config import Settings, load_settings
@@ -28,13 +29,24 @@ def make_settings(**overrides: Any) -> Settings:
     return load_settings(overrides, environ={}, env_file=None)
 
 
-def make_sim_bot(db_path: Path | str, *, seed: int = 7, start: int = SIM_START, **overrides: Any) -> Bot:
-    """A started bot on the simulator, a simulated clock and a SQLite store."""
+def make_sim_bot(
+    db_path: Path | str,
+    *,
+    seed: int = 7,
+    start: int = SIM_START,
+    make_panel: Callable[[Settings], Panel] | None = None,
+    **overrides: Any,
+) -> Bot:
+    """A started bot on the simulator, a simulated clock and a SQLite store.
+
+    ``make_panel`` builds the advisor's LLM panel from the settings (to give it a test clock).
+    """
     settings = make_settings(SIM_SEED=seed, SIM_START=start, **overrides)
     clock = SimClock(start)
     market = SimulatedMarket(clock, seed=seed, start=start)
     store = SQLiteStore(db_path)
-    bot = Bot(settings, mode="sim", clock=clock, market=market, store=store, truth=market.current_truth)
+    panel = make_panel(settings) if make_panel else None
+    bot = Bot(settings, mode="sim", clock=clock, market=market, store=store, truth=market.current_truth, panel=panel)
     bot.start()
     return bot
 
