@@ -433,12 +433,19 @@ def build_regime_context(status: Mapping[str, Any], operational: Mapping[str, An
 
 @dataclass(frozen=True)
 class Job:
-    """One advisor run: the context and when (bot clock) it was taken."""
+    """One advisor run: its context and when (bot clock) it was taken.
+
+    ``context`` is the mapping itself or a function that formats it from values
+    captured at ``ts``; the worker calls it, keeping that work off the main loop.
+    """
 
     ts: float
-    context: Mapping[str, Any]
+    context: Mapping[str, Any] | Callable[[], Mapping[str, Any]]
     price: float | None
     reason: str
+
+    def facts(self) -> Mapping[str, Any]:
+        return self.context() if callable(self.context) else self.context
 
 
 class AdvisorWorker:
@@ -501,8 +508,8 @@ class AdvisorWorker:
                 continue
             self._busy.set()
             try:
-                opinion = self._ask(job.context)
-            except Exception as exc:  # pragma: no cover - get_regime_opinion never raises
+                opinion = self._ask(job.facts())
+            except Exception as exc:  # a context that cannot be formatted skips this run
                 opinion = {**empty_opinion(), "error": f"{type(exc).__name__}: {exc}"}
             if not self._stop.is_set():
                 self._outbox.put((job, opinion))

@@ -8,7 +8,8 @@ Figures: fitting the 4000-candle primary model, one inference cycle of both
 models, the main-loop cycle without training or network, ``GET /api/status``
 latency from another process while the loop runs, replay of the whole DOGE
 file, resident memory of a long simulated run, and the detector's quality
-against the simulator's ground truth next to an EMA(9/21) crossover.
+against the simulator's ground truth next to an EMA(9/21) crossover, and the
+main loop and status latency while the AI advisor waits 30 s on its LLM.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -130,12 +132,91 @@ def bench_inference_and_cycle(results: dict) -> None:
     line("building the status payload (median)", f"{statistics.median(status) * 1e3:.3f} ms")
 
 
+def bench_advisor(results: dict) -> None:
+    """The advisor must not slow the loop while its LLM takes 30 s to answer."""
+    print("Main loop with the AI advisor, LLM answering after 30 s (local OpenAI-compatible server)")
+    # The LLM server runs in its own process, as a real provider would.
+    server = subprocess.Popen(
+        [sys.executable, str(ROOT / "tests" / "fake_llm.py"), "--delay", "30"], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        url = server.stdout.readline().strip()
+        _bench_advisor(results, url)
+    finally:
+        server.kill()
+        server.wait()
+
+
+def _bench_advisor(results: dict, url: str) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        advisor = {
+            "AI_REGIME_ADVISOR_ENABLED": True,
+            "AI_BASE_URL": url,
+            "AI_MODEL": "bench",
+            "AI_INSTRUCT_TIMEOUT_SEC": 60,  # let the reply take its 30 s
+        }
+        plain = trained_bot(os.path.join(tmp, "plain.sqlite3"))
+        advised = trained_bot(os.path.join(tmp, "advised.sqlite3"), **advisor)
+        cycles: dict[str, list[float]] = {"plain": [], "advised": []}
+        for _ in range(4 * 60 * 24):  # a simulated day of 15-second cycles, the two bots interleaved
+            for name, bot in (("plain", plain), ("advised", advised)):
+                bot.clock.advance(15)
+                t = time.perf_counter()
+                bot.tick()
+                elapsed = time.perf_counter() - t
+                if not (bot.stats.retrains and bot.stats.retrains[-1]["time"] == bot.clock.now()):
+                    cycles[name].append(elapsed)
+        runs = advised.advisor.worker.replaced + 1
+        advised.shutdown()
+        for bot in (plain, advised):
+            bot.store.close()
+        for name, values in cycles.items():
+            results[f"advisor_cycle_ms_{name}"] = {
+                "median": statistics.median(values) * 1e3,
+                "p99": pct(values, 99) * 1e3,
+                "n": len(values),
+            }
+        ratio = pct(cycles["advised"], 99) / pct(cycles["plain"], 99)
+        results["advisor_cycle_p99_ratio"] = ratio
+        line("cycle p99 without the advisor", f"{pct(cycles['plain'], 99) * 1e3:.3f} ms")
+        line(f"cycle p99 with it ({runs} runs asked, 1 call in flight)", f"{pct(cycles['advised'], 99) * 1e3:.3f} ms")
+        line("ratio", f"{ratio:.3f}", "(target: <= 1.10)")
+
+        env = {key: str(value).lower() if isinstance(value, bool) else str(value) for key, value in advisor.items()}
+        for speed in ("60", "max"):
+            args = ["--market", "sim", "--speed", speed, "--port", "0", "--db", f"{tmp}/p{speed}.sqlite3"]
+            with BotProcess(args, cwd=Path(tmp), env=env) as proc:
+                port = proc.wait_ready()
+                while not status_once(port)["ai_regime_advisor"]["in_flight"]:
+                    time.sleep(0.1)
+                lat = status_latencies(port, 2000)
+                in_flight = status_once(port)["ai_regime_advisor"]["in_flight"]
+            key = f"advisor_status_latency_ms_speed_{speed}"
+            results[key] = {"median": statistics.median(lat) * 1e3, "p99": pct(lat, 99) * 1e3}
+            line(
+                f"GET /api/status p99, --speed {speed}, LLM call in flight: {in_flight}",
+                f"{pct(lat, 99) * 1e3:.3f} ms",
+                "(target: p99 < 10 ms)",
+            )
+
+
 # --- processes ------------------------------------------------------------------------
 
 
 def status_once(port: int) -> dict:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/status", timeout=10) as r:
         return json.loads(r.read())
+
+
+def status_latencies(port: int, n: int) -> list[float]:
+    url = f"http://127.0.0.1:{port}/api/status"
+    lat = []
+    for _ in range(n):
+        t = time.perf_counter()
+        with urllib.request.urlopen(url, timeout=10) as r:
+            r.read()
+        lat.append(time.perf_counter() - t)
+    return lat
 
 
 def bench_status_latency(results: dict) -> None:
@@ -158,13 +239,7 @@ def bench_status_latency(results: dict) -> None:
                 port = proc.wait_ready()
                 while status_once(port)["health"]["cycles"] < 5:
                     time.sleep(0.1)
-                lat = []
-                conn_url = f"http://127.0.0.1:{port}/api/status"
-                for _ in range(2000):
-                    t = time.perf_counter()
-                    with urllib.request.urlopen(conn_url, timeout=10) as r:
-                        r.read()
-                    lat.append(time.perf_counter() - t)
+                lat = status_latencies(port, 2000)
                 size = len(json.dumps(status_once(port)))
         key = f"status_latency_ms_speed_{speed}"
         results[key] = {"median": statistics.median(lat) * 1e3, "p99": pct(lat, 99) * 1e3, "bytes": size}
@@ -359,6 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     bench_fit(results)
     bench_inference_and_cycle(results)
     bench_status_latency(results)
+    bench_advisor(results)
     bench_quality(results, seeds=(1, 2, 3, 4, 5))
     bench_sim_tiers(results)
     if not args.quick:

@@ -10,6 +10,7 @@ the heartbeat and stopping. Decisions live in pure modules
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -290,10 +291,49 @@ class Bot:
             capacity_band=self.capacity_band,
             price=self.pipeline.price(),
             ready=self.primary.trained,
-            make_context=lambda: build_regime_context(self.status(), operational=None),
+            make_context=self._advisor_context,
         )
         if self.advisor.override is not was:
             self._dirty = True
+
+    def _advisor_context(self) -> Callable[[], dict[str, Any]]:
+        """Capture what the advisor's context needs, cheaply; the worker thread formats it.
+
+        Only immutable values and copies are captured (a retrain swaps in a new
+        detector, it never changes the old one), so formatting later is safe.
+        """
+        now = self.clock.now()
+        s = self.settings
+        models = [
+            (slot.spec.interval_min, slot.detector, slot.signal, slot.trained, slot.trained_at,
+             slot.depth(self.pipeline.available(slot.spec.interval_min), now))
+            for slot in self.slots()
+        ]  # fmt: skip
+        policy, modifier, history = self.policy, self.confidence_modifier(), self.history.to_list()
+        mech, band, price = self.mechanical_state(), self.capacity_band, self.pipeline.price()
+
+        def build() -> dict[str, Any]:
+            blocks = [
+                model_block(interval_min=interval, signal=signal, trained=trained, trained_at=at,
+                            transition_matrix=detector.transition_matrix(), depth=depth, last_error=None)
+                for interval, detector, signal, trained, at, depth in models
+            ]  # fmt: skip
+            status = {
+                "pair": s.PAIR,
+                "now_iso": iso_utc(now),
+                "price": price,
+                "hmm": {
+                    "primary": blocks[0],
+                    "secondary": blocks[1] if len(blocks) > 1 else None,
+                    "consensus": consensus_block(policy, (s.CONSENSUS_1M_WEIGHT, s.CONSENSUS_15M_WEIGHT)),
+                    "policy": policy_block(policy, modifier),
+                },
+                "regime_history_30m": history,
+                "regime_tier": {"mechanical": dataclasses.asdict(mech), "capacity_band": band},
+            }
+            return build_regime_context(status, operational=None)
+
+        return build
 
     def mechanical_state(self) -> TierState:
         if self.settings.REGIME_DIRECTIONAL_ENABLED:

@@ -99,7 +99,7 @@ class RegimeAdvisor:
         capacity_band: str,
         price: float | None,
         ready: bool,
-        make_context: Callable[[], Mapping[str, Any]],
+        make_context: Callable[[], Mapping[str, Any] | Callable[[], Mapping[str, Any]]],
     ) -> None:
         """One cycle: end a due override, take finished opinions, score old ones, maybe ask again."""
         if not self.enabled:

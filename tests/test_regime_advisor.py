@@ -63,6 +63,13 @@ def wait_idle(advisor: RegimeAdvisor, timeout: float = 10.0) -> None:
         threading.Event().wait(0.005)
 
 
+def wait_until(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition never held"
+        threading.Event().wait(0.005)
+
+
 class Harness:
     """A RegimeAdvisor with a real store, a real worker and a controlled mechanical tier."""
 
@@ -391,6 +398,7 @@ def test_the_bot_keeps_cycling_while_the_llm_hangs(tmp_path, llm):
         run_ticks(bot, 1)
         assert bot.advisor.last_run_ts is not None
         run_ticks(bot, 200)  # 50 simulated minutes: several periodic runs are due meanwhile
+        wait_until(lambda: llm.calls())  # the worker's first call has reached the (hanging) server
         status = bot.status()
         assert status["health"]["cycles"] == 201
         assert status["ai_regime_advisor"]["in_flight"] is True and status["ai_regime_advisor"]["opinion"] is None
