@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from conftest import make_sim_bot, run_ticks
+from fake_llm import FakeLLM, Reply
 from selenium import webdriver
 from selenium.common.exceptions import NoSuchElementException
 from selenium.webdriver.chrome.options import Options
@@ -1281,3 +1282,52 @@ def test_page_agrees_with_a_running_bot(driver, bot_process, tmp_path):
     wait(driver, lambda d: text_of(d, "bot-time") != first_time, message="the page stopped polling the bot")
     assert_clean_console(driver)
     assert bot.terminate() == 0
+
+
+def test_advisor_card_drives_a_running_bot(driver, bot_process, tmp_path):
+    """Apply, confirm, Revert and Dismiss on the card change the real bot's state (``/api/status``)."""
+    with FakeLLM(Reply.opinion(tier=2, direction="long_bias", conviction=80, rationale="clean uptrend")) as llm:
+        env = {
+            "AI_REGIME_ADVISOR_ENABLED": "true",
+            "AI_BASE_URL": llm.url,
+            "AI_MODEL": "local-test",
+            "AI_REGIME_INTERVAL_SEC": "1800",
+            "REGIME_MIN_DWELL_SEC": "86400",  # mechanical tier 0 all along: the opinion is an upgrade
+        }
+        args = ["--market", "sim", "--speed", "20", "--port", "0", "--db", str(tmp_path / "card.sqlite3")]
+        bot = bot_process(args, env=env)
+        port = bot.wait_ready()
+        bot.wait_status(lambda s: s["ai_regime_advisor"]["opinion"] is not None)
+        severe_console_messages(driver)
+        driver.get(f"http://127.0.0.1:{port}/")
+
+        def card_state(d: WebDriver) -> str:
+            return by_testid(d, "advisor-card").get_attribute("data-state")
+
+        def advisor_now() -> dict:
+            return bot.get_json("/api/status")[1]["ai_regime_advisor"]
+
+        def act(button: str, state: str) -> None:
+            by_testid(driver, button).click()
+            wait(driver, lambda d: displayed(d, "advisor-confirm"), message=f"{button}: no confirmation")
+            by_testid(driver, "advisor-confirm-yes").click()
+            wait(driver, lambda d: card_state(d) == state, timeout=15, message=f"{button}: card never showed {state}")
+
+        wait(driver, lambda d: card_state(d) == "disagree", timeout=15, message="no disagreement shown")
+        assert text_of(driver, "advisor-ai").endswith("Tier 2 long_bias")
+        assert "clean uptrend" in text_of(driver, "advisor-rationale")
+
+        act("advisor-apply", "override")
+        override = advisor_now()["override"]
+        assert override["active"] is True and (override["tier"], override["direction"]) == (1, "long_bias")
+        assert "override applied" in text_of(driver, "advisor-result")
+
+        act("advisor-revert", "disagree")
+        block = advisor_now()
+        assert block["override"]["active"] is False and block["history"][0]["action"] == "reverted"
+
+        act("advisor-dismiss", "agree")  # a dismissed disagreement is shown neutral
+        block = advisor_now()
+        assert block["dismissed"] is True and block["history"][0]["action"] == "dismissed"
+        assert_clean_console(driver)
+        assert bot.terminate() == 0
