@@ -10,7 +10,6 @@ the heartbeat and stopping. Decisions live in pure modules
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import math
@@ -52,6 +51,7 @@ from regime_policy import (
 )
 from replay import ReplayMarket, replay_report
 from status import (
+    advisor_facts,
     consensus_block,
     cycle_time_summary,
     effective_tier_block,
@@ -302,38 +302,25 @@ class Bot:
         Only immutable values and copies are captured (a retrain swaps in a new
         detector, it never changes the old one), so formatting later is safe.
         """
-        now = self.clock.now()
-        s = self.settings
+        now, s = self.clock.now(), self.settings
         models = [
             (slot.spec.interval_min, slot.detector, slot.signal, slot.trained, slot.trained_at,
              slot.depth(self.pipeline.available(slot.spec.interval_min), now))
             for slot in self.slots()
         ]  # fmt: skip
-        policy, modifier, history = self.policy, self.confidence_modifier(), self.history.to_list()
-        mech, band, price = self.mechanical_state(), self.capacity_band, self.pipeline.price()
-
-        def build() -> dict[str, Any]:
-            blocks = [
-                model_block(interval_min=interval, signal=signal, trained=trained, trained_at=at,
-                            transition_matrix=detector.transition_matrix(), depth=depth, last_error=None)
-                for interval, detector, signal, trained, at, depth in models
-            ]  # fmt: skip
-            status = {
-                "pair": s.PAIR,
-                "now_iso": iso_utc(now),
-                "price": price,
-                "hmm": {
-                    "primary": blocks[0],
-                    "secondary": blocks[1] if len(blocks) > 1 else None,
-                    "consensus": consensus_block(policy, (s.CONSENSUS_1M_WEIGHT, s.CONSENSUS_15M_WEIGHT)),
-                    "policy": policy_block(policy, modifier),
-                },
-                "regime_history_30m": history,
-                "regime_tier": {"mechanical": dataclasses.asdict(mech), "capacity_band": band},
-            }
-            return build_regime_context(status, operational=None)
-
-        return build
+        facts = {
+            "pair": s.PAIR,
+            "now": now,
+            "price": self.pipeline.price(),
+            "models": models,
+            "policy": self.policy,
+            "modifier": self.confidence_modifier(),
+            "weights": (s.CONSENSUS_1M_WEIGHT, s.CONSENSUS_15M_WEIGHT),
+            "history": self.history.to_list(),
+            "mechanical": self.mechanical_state(),
+            "capacity_band": self.capacity_band,
+        }
+        return lambda: build_regime_context(advisor_facts(**facts), operational=None)
 
     def mechanical_state(self) -> TierState:
         if self.settings.REGIME_DIRECTIONAL_ENABLED:

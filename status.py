@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from clock import iso_utc
 from regime_policy import LONG_BIAS, SHORT_BIAS, PolicySignal, RegimeSignal, TierDecision, TierState
 from training_depth import TrainingDepth
 
@@ -118,6 +119,48 @@ def regime_tier_block(
         **effective_tier_block(TierState(mech["tier"], mech["direction"], mech["since"]), "mechanical"),
         "capacity_band": capacity_band,
         "recent_transitions": list(transitions),
+    }
+
+
+def advisor_facts(
+    *,
+    pair: str,
+    now: float,
+    price: float | None,
+    models: Iterable[tuple[int, Any, RegimeSignal, bool, float | None, TrainingDepth]],
+    policy: PolicySignal,
+    modifier: float,
+    weights: tuple[float, float],
+    history: list[dict],
+    mechanical: TierState,
+    capacity_band: str,
+) -> dict[str, Any]:
+    """The slice of the status payload that ``ai_advisor.build_regime_context`` reads.
+
+    ``models`` holds ``(interval_min, detector, signal, trained, trained_at, depth)`` per model,
+    primary first, captured by the main loop; this runs later on the advisor's thread.
+    """
+    blocks = [
+        model_block(interval_min=interval, signal=signal, trained=trained, trained_at=at,
+                    transition_matrix=detector.transition_matrix(), depth=depth, last_error=None)
+        for interval, detector, signal, trained, at, depth in models
+    ]  # fmt: skip
+    return {
+        "pair": pair,
+        "now": now,
+        "now_iso": iso_utc(now),
+        "price": price,
+        "hmm": {
+            "primary": blocks[0],
+            "secondary": blocks[1] if len(blocks) > 1 else None,
+            "consensus": consensus_block(policy, weights),
+            "policy": policy_block(policy, modifier),
+        },
+        "regime_history_30m": history,
+        "regime_tier": {
+            "mechanical": {"tier": mechanical.tier, "direction": mechanical.direction, "since": mechanical.since},
+            "capacity_band": capacity_band,
+        },
     }
 
 

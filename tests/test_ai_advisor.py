@@ -292,6 +292,8 @@ def test_context_carries_every_field_the_spec_lists(tmp_path):
         run_ticks(bot, 5)
         status = bot.status()
         context = build_regime_context(status)
+        # What the main loop hands the worker (captured now, formatted later) says the same.
+        assert bot._advisor_context()() == context
     finally:
         bot.store.close()
     assert set(context) == {
