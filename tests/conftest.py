@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from bot_process import BotProcess
+from fake_llm import FakeLLM
 
 from ai_advisor import Panel
 from bot import Bot
@@ -57,6 +58,23 @@ def run_ticks(bot: Bot, n: int, interval_sec: float | None = None) -> None:
     for _ in range(n):
         bot.tick()
         bot.clock.advance(step)
+
+
+class StepClock:
+    """Monotonic seconds that move only when told (panel cool-downs without sleeping)."""
+
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@pytest.fixture
+def llm() -> Iterator[FakeLLM]:
+    """A local OpenAI-compatible server answering a tier 1 long_bias opinion unless scripted."""
+    with FakeLLM() as fake:
+        yield fake
 
 
 @pytest.fixture

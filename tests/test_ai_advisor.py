@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterator
 
 import pytest
-from conftest import make_settings, make_sim_bot, run_ticks
-from fake_llm import FakeLLM, Reply
+from conftest import StepClock, make_settings, make_sim_bot, run_ticks
+from fake_llm import Reply
 
 from ai_advisor import (
     OPERATIONAL_UNAVAILABLE,
@@ -25,22 +24,6 @@ from ai_advisor import (
 
 KIMI, LLAMA70, LLAMA8, LOCAL = "kimi-test", "llama70-test", "llama8-test", "local-test"
 CONTEXT = {"pair": "XDGUSD", "price": 0.1}
-
-
-class StepClock:
-    """Monotonic seconds that move only when told (cool-downs without sleeping)."""
-
-    def __init__(self) -> None:
-        self.t = 1000.0
-
-    def __call__(self) -> float:
-        return self.t
-
-
-@pytest.fixture
-def llm() -> Iterator[FakeLLM]:
-    with FakeLLM() as fake:
-        yield fake
 
 
 def full_panel_settings(url: str, **overrides):

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import SIM_START, make_settings, make_sim_bot, run_ticks
+from conftest import SIM_START, StepClock, make_settings, make_sim_bot, run_ticks
 from fake_llm import FakeLLM, Reply
 
 from ai_advisor import Panel
@@ -29,20 +29,6 @@ PAIR = "XDGUSD"
 T0 = 1_800_000_000.0
 SYM, LONG, SHORT = "symmetric", "long_bias", "short_bias"
 MECH0 = TierState(0, SYM, T0 - 1000)
-
-
-class StepClock:
-    def __init__(self) -> None:
-        self.t = 50.0
-
-    def __call__(self) -> float:
-        return self.t
-
-
-@pytest.fixture
-def llm() -> Iterator[FakeLLM]:
-    with FakeLLM() as fake:
-        yield fake
 
 
 def advisor_settings(llm: FakeLLM, **overrides):
