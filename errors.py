@@ -6,6 +6,9 @@
   too few rows). The step is skipped and the previous good state kept.
 - :class:`ConfigError` -- the process cannot run as configured. Startup stops
   with the message, which names every offending setting.
+
+Apart from the loop, :class:`ActionRefused` answers an operator action with an
+HTTP status (400 malformed, 409 refused by a rail) and leaves the state unchanged.
 """
 
 from __future__ import annotations
