@@ -19,6 +19,9 @@ from config import Settings, load_settings
 from market_sim import SimulatedMarket
 from store import SQLiteStore
 
+# The dashboard browser tests' fixtures (one Chromium per module, test sites, a real status).
+pytest_plugins = ["dashboard_page"]
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("SHARED_DATA_DIR", ROOT.parent / "shared" / "data"))
 DOGE_1M = SHARED_DATA / "DOGEUSDT_1m.csv"
