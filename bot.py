@@ -1,41 +1,34 @@
-"""Regime-aware grid bot for Kraken: wiring and the main loop.
+"""Regime-aware grid bot for Kraken: the main loop.
 
-``python bot.py --help`` lists the modes and flags. One :meth:`Bot.tick` is
-one cycle of SPEC section 0, in the same order; :class:`Runner` owns pacing,
-the heartbeat and stopping. Decisions live in pure modules
-(``training_depth``, ``regime_policy``); I/O lives in adapters (``store``,
-``kraken_client``, ``market_sim``, ``replay``, ``http_api``).
+``python bot.py --help`` lists the modes and flags (the command line and the
+wiring of each mode are in ``app``). One :meth:`Bot.tick` is one cycle of
+SPEC section 0, in the same order; :class:`Runner` owns pacing, the heartbeat
+and stopping. Decisions live in pure modules (``training_depth``,
+``regime_policy``, ``advisor_policy``, ``grid_engine``); I/O lives in adapters
+(``store``, ``kraken_client``, ``market_sim``, ``replay``, ``http_api``,
+the exchanges).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
-import math
-import os
-import signal
 import sys
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from threadpoolctl import threadpool_limits
-
-import dashboard
 from ai_advisor import Panel, build_regime_context
 from candle_pipeline import CandlePipeline, FeedSpec
-from candles import MarketData, read_candles_csv
-from clock import Clock, SimClock, WallClock, iso_utc
-from config import Settings, load_settings
-from errors import BadData, BotError, ConfigError, RetryLater
-from http_api import ActionRouter, ApiContext, ApiServer, StatusBoard
-from kraken_client import KrakenPublicClient
-from market_sim import SimulatedMarket
+from candles import MarketData
+from clock import Clock, iso_utc
+from config import Settings
+from errors import ConfigError, RetryLater
+from grid_engine import Posture
+from grid_runner import GridRunner, paper_grid
+from http_api import StatusBoard
 from model_slot import ModelSlot, model_slots
 from regime_advisor import RegimeAdvisor
 from regime_policy import (
@@ -49,7 +42,6 @@ from regime_policy import (
     next_tier,
     policy_signal,
 )
-from replay import ReplayMarket, replay_report
 from status import (
     advisor_facts,
     consensus_block,
@@ -59,7 +51,7 @@ from status import (
     policy_block,
     regime_tier_block,
 )
-from store import SQLiteStore, Store
+from store import Store
 
 log = logging.getLogger("bot")
 
@@ -67,6 +59,7 @@ SNAPSHOT_VERSION = 1
 SIM_DB_DEFAULT = "data/sim.sqlite3"
 PRICE_HISTORY_LEN = 240
 MAX_RETRAIN_RECORDS = 2000
+NO_BACKFILL = {"enabled": False, "state": "unavailable"}
 
 
 @dataclass
@@ -77,6 +70,12 @@ class RunStats:
     tier_seconds: dict[int, float] = field(default_factory=lambda: {0: 0.0, 1: 0.0, 2: 0.0})
     tier_changes: int = 0
     retrains: list[dict] = field(default_factory=list)
+    series: dict[str, list[float]] = field(default_factory=dict)  # replay: equity curves per cycle
+
+    def record_equity(self, ts: float, price: float, tier: int, regime_aware: float, symmetric: float) -> None:
+        for key, value in (("t", ts), ("price", price), ("tier", tier), ("regime_aware", regime_aware),
+                           ("symmetric", symmetric)):  # fmt: skip
+            self.series.setdefault(key, []).append(value)
 
 
 class Bot:
@@ -92,6 +91,10 @@ class Bot:
         store: Store,
         truth: Callable[[], str | None] | None = None,
         panel: Panel | None = None,
+        grid: GridRunner | None = None,
+        baseline: bool = False,
+        backfill: Any = None,
+        autosave: bool = True,
     ) -> None:
         s = settings
         self.settings, self.mode, self.clock, self.market, self.store = s, mode, clock, market, store
@@ -120,7 +123,6 @@ class Bot:
         self.pinned_since = now
         self.tier_decision: TierDecision | None = None
         self.policy = self._policy()
-        self.capacity_band = "normal"  # an input; the grid engine will provide it
         self.history = RegimeHistory(1800.0)
         self.price_history: deque[dict] = deque(maxlen=PRICE_HISTORY_LEN)
         self.transitions: deque[dict] = deque(maxlen=10)
@@ -135,6 +137,11 @@ class Bot:
         self._saved_snapshot: dict[str, Any] | None = None
         self._save_lock = threading.Lock()  # the loop's snapshot vs an operator action's
         self.advisor = RegimeAdvisor(s, store=store, record_error=self.record_error, panel=panel)
+        self.grid = grid or paper_grid(s, record_fill=store.record_fill, record_error=self.record_error)
+        # A replay also runs an always-symmetric grid on the same candles, as the baseline to beat.
+        self.baseline = paper_grid(s, id_prefix="s") if baseline else None
+        self.backfill = backfill  # trades_backfill.TradesBackfill, or None where the market has no trades
+        self.autosave = autosave
 
     # lifecycle ----------------------------------------------------------------
 
@@ -145,8 +152,12 @@ class Bot:
         if snap:
             self._restore(snap)
         self.advisor.start()
+        if self.backfill is not None:
+            self.backfill.start()
 
     def shutdown(self) -> None:
+        if self.backfill is not None:
+            self.backfill.stop()
         self.advisor.stop()
         self.save_snapshot(self.clock.now())
 
@@ -162,6 +173,7 @@ class Bot:
         self._evaluate_models(now, force=retrained)
         self._update_tier(now)
         self._consult_advisor(now)
+        self._trade(now)
         self.history.trim(now)
         self._save_snapshot_if_due(now)
         self.cycles += 1
@@ -174,6 +186,10 @@ class Bot:
         self._last_account_at = now
 
     def _sync_candles(self, now: float) -> None:
+        if self.backfill is not None:  # rows the backfill thread stored count towards the training depth
+            for interval, written in self.backfill.take_written().items():
+                if written and interval in self.pipeline.specs:
+                    self.pipeline.recount(interval)
         before = self.pipeline.available(1)
         self.pipeline.sync_due_feeds(now)
         self.stats.candles_processed += max(0, self.pipeline.available(1) - before)
@@ -296,6 +312,28 @@ class Bot:
         if self.advisor.override is not was:
             self._dirty = True
 
+    def _trade(self, now: float) -> None:
+        """Work the grid to the effective tier (in a replay the symmetric baseline too, on the same candles)."""
+        price = self.pipeline.price()
+        if price is None:
+            return
+        candles = self.pipeline.state[1].recent  # the runners take only what is new to them
+        effective, source = self.advisor.effective(self.mechanical_state())
+        strength = abs(self.policy.bias_signal)
+        if effective.tier >= 1:  # an override may disagree with a weak bias; skew at least as for tier 1
+            strength = max(strength, self.settings.REGIME_TIER1_BIAS_FLOOR)
+        posture = Posture(effective.tier, effective.direction, min(1.0, strength), effective.since, source)
+        self.grid.step(now, candles, price, self.policy.regime, posture)
+        if self.grid.changed:
+            self.grid.changed, self._dirty = False, True
+        if self.baseline is not None:
+            self.baseline.step(now, candles, price, self.policy.regime, Posture(since=self.started_at))
+            self.stats.record_equity(now, price, effective.tier, self.grid.equity.last, self.baseline.equity.last)
+
+    @property
+    def capacity_band(self) -> str:
+        return self.grid.capacity_band
+
     def _advisor_context(self) -> Callable[[], dict[str, Any]]:
         """Capture what the advisor's context needs, cheaply; the worker thread formats it.
 
@@ -320,7 +358,8 @@ class Bot:
             "mechanical": self.mechanical_state(),
             "capacity_band": self.capacity_band,
         }
-        return lambda: build_regime_context(advisor_facts(**facts), operational=None)
+        operational = self.grid.operational(now)
+        return lambda: build_regime_context(advisor_facts(**facts), operational=operational)
 
     def mechanical_state(self) -> TierState:
         if self.settings.REGIME_DIRECTIONAL_ENABLED:
@@ -336,6 +375,8 @@ class Bot:
     # snapshot -------------------------------------------------------------------
 
     def _save_snapshot_if_due(self, now: float) -> None:
+        if not self.autosave:  # a replay saves once, at the end: it is never resumed mid-way
+            return
         due = (
             self._last_snapshot_at is None or now - self._last_snapshot_at >= self.settings.STATE_SNAPSHOT_INTERVAL_SEC
         )
@@ -357,6 +398,7 @@ class Bot:
             "models": {slot.spec.name: slot.snapshot() for slot in self.slots()},
             "regime_history": self.history.to_list(),
             "advisor": self.advisor.snapshot(),
+            "grid": self.grid.snapshot(),
         }
 
     def save_snapshot(self, now: float) -> None:
@@ -418,6 +460,13 @@ class Bot:
                     slot.trained_candles,
                 )
         self.history.trim(self.clock.now())
+        if snap.get("grid"):
+            try:
+                self.grid.restore(snap["grid"], self.pipeline.price())
+                log.info("grid restored: %d open orders", len(self.grid.state.orders) if self.grid.state else 0)
+            except (KeyError, TypeError, ValueError) as exc:
+                # Never trade on a grid we cannot read: its orders may still rest on the exchange.
+                raise ConfigError(f"the snapshot's grid state is unusable ({exc}); fix or remove it") from exc
 
     # status -------------------------------------------------------------------
 
@@ -467,7 +516,8 @@ class Bot:
             "regime_history_30m": self.history.to_list(),
             "price_history": list(self.price_history),
             "ai_regime_advisor": None,  # filled by advisor_view
-            "grid": None,
+            "grid": self.grid.status_block(now),
+            "trades_backfill": self.backfill.status() if self.backfill is not None else NO_BACKFILL,
             "sim": {"true_regime": self._truth()} if self._truth else None,
             "health": {
                 "ok": age is not None
@@ -588,210 +638,7 @@ class Runner:
         return run
 
 
-# wiring ---------------------------------------------------------------------
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="bot.py",
-        description="Regime-aware grid bot for Kraken. Without flags: paper trading on live Kraken "
-        "public data, SQLite store, dashboard on http://127.0.0.1:8080.",
-        epilog="Settings come from flags, then the environment, then .env, then defaults "
-        "(see .env.example for every key).",
-    )
-    mode = p.add_mutually_exclusive_group()
-    mode.add_argument(
-        "--market",
-        choices=("kraken", "sim"),
-        default="kraken",
-        help="market data source: kraken (live public data, default) or sim "
-        "(offline seeded regime-switching simulator on a simulated clock; its own store, "
-        f"default {SIM_DB_DEFAULT})",
-    )
-    mode.add_argument(
-        "--replay",
-        metavar="FILE.csv",
-        help="run the bot over 1-minute candles (time,open,high,low,close,volume; unix "
-        "seconds) on a simulated clock as fast as possible, write a JSON report, exit; "
-        "uses an in-memory store unless --db is given",
-    )
-    mode.add_argument(
-        "--live", action="store_true", help="real orders on Kraken (not available in this version: paper only)"
-    )
-    p.add_argument("--host", help="address to serve the dashboard/API on (HTTP_HOST, default 127.0.0.1)")
-    p.add_argument("--port", help="port of the dashboard/API (HTTP_PORT, default 8080; 0 = any free port)")
-    p.add_argument("--db", help="SQLite store path (DB_PATH for the kraken market)")
-    p.add_argument("--speed", help="simulated seconds per wall second for --market sim, or 'max' (SIM_SPEED)")
-    p.add_argument("--seed", help="simulator seed (SIM_SEED)")
-    p.add_argument("--report", metavar="PATH", help="replay report path (default: FILE.report.json)")
-    p.add_argument(
-        "--serve",
-        action="store_true",
-        help="serve the dashboard during a replay and keep it up after it ends (until Ctrl-C)",
-    )
-    p.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (LOG_LEVEL)")
-    p.add_argument("--env-file", default=".env", help="settings file to read (default .env)")
-    return p.parse_args(argv)
-
-
-@dataclass
-class App:
-    bot: Bot
-    runner: Runner
-    board: StatusBoard
-    server: ApiServer | None
-    until: Callable[[], bool] | None = None
-    replay: ReplayMarket | None = None
-    cleanup: list[Callable[[], None]] = field(default_factory=list)
-
-
-def build_app(args: argparse.Namespace, settings: Settings, stop_event: threading.Event) -> App:
-    """Choose the clock, market and store for the mode, and wire the bot."""
-    if args.live:
-        raise ConfigError("--live is not available in this version: it has no order execution yet (paper only)")
-    s = settings
-    truth = None
-    replay_market = None
-    interval = s.LOOP_INTERVAL_SEC
-    if args.replay:
-        candles = read_candles_csv(args.replay)
-        store = SQLiteStore(args.db or ":memory:")
-        clock = SimClock(candles[0].time + 60, math.inf, stop_event)
-        replay_market = ReplayMarket(clock, candles)
-        market: MarketData = replay_market
-        mode, interval = "replay", 60.0  # one cycle per candle
-    elif args.market == "sim":
-        store = SQLiteStore(args.db or SIM_DB_DEFAULT)
-        start = _sim_resume_time(store, s)
-        clock = SimClock(start, s.SIM_SPEED, stop_event)
-        sim = SimulatedMarket(clock, seed=s.SIM_SEED, start=s.SIM_START)
-        market, truth, mode = sim, sim.current_truth, "sim"
-    else:
-        store = SQLiteStore(args.db or s.DB_PATH)
-        clock = WallClock(stop_event)
-        market = KrakenPublicClient(
-            s.KRAKEN_API_URL,
-            s.PAIR,
-            now=clock.now,
-            sleep=clock.sleep,
-            timeout=s.KRAKEN_TIMEOUT_SEC,
-            max_retries=s.KRAKEN_MAX_RETRIES,
-        )
-        mode = "paper"
-
-    bot = Bot(s, mode=mode, clock=clock, market=market, store=store, truth=truth)
-    board = StatusBoard()
-    router = ActionRouter()
-    runner = Runner(bot, board, interval_sec=interval, stop_event=stop_event)
-    for name in ("ai_regime_override", "ai_regime_revert", "ai_regime_dismiss"):
-        router.register(name, runner.action(getattr(bot, name)))
-    server = None
-    if not args.replay or args.serve:
-        ctx = ApiContext(board, router, dashboard.render_page(), s.API_TOKEN, 3 * s.LOOP_INTERVAL_SEC)
-        server = ApiServer(s.HTTP_HOST, s.HTTP_PORT, ctx)
-    until = (lambda: replay_market.finished) if replay_market else None
-    return App(bot, runner, board, server, until, replay_market, [store.close])
-
-
-def _sim_resume_time(store: Store, s: Settings) -> float:
-    """A simulation continues where its snapshot left off; the seed must match the store's."""
-    meta_key = "sim"
-    meta = store.load_state(meta_key)
-    if meta is None:
-        store.save_state(meta_key, {"seed": s.SIM_SEED, "start": s.SIM_START}, s.SIM_START)
-    elif (meta.get("seed"), meta.get("start")) != (s.SIM_SEED, s.SIM_START):
-        raise ConfigError(
-            f"this store holds a simulation with SIM_SEED={meta.get('seed')} and SIM_START={meta.get('start')}; "
-            f"use another --db for SIM_SEED={s.SIM_SEED} / SIM_START={s.SIM_START}"
-        )
-    snap = store.load_state(f"snapshot:{s.PAIR}")
-    saved = snap.get("saved_at") if snap else None
-    return float(saved) if isinstance(saved, (int, float)) and saved > s.SIM_START else float(s.SIM_START)
-
-
-def run(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    overrides = {
-        "HTTP_HOST": args.host,
-        "HTTP_PORT": args.port,
-        "SIM_SPEED": args.speed,
-        "SIM_SEED": args.seed,
-        "LOG_LEVEL": args.log_level,
-    }
-    if args.db and not args.replay and args.market == "kraken":
-        overrides["DB_PATH"] = args.db
-    try:
-        settings = load_settings(overrides, env_file=args.env_file)
-    except ConfigError as exc:
-        print(f"bot.py: {exc}", file=sys.stderr)
-        return 2
-    logging.basicConfig(
-        level=settings.LOG_LEVEL, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", stream=sys.stderr
-    )
-    logging.getLogger("hmmlearn").setLevel(logging.ERROR)
-
-    # The HTTP threads wait for the GIL while the loop computes: a shorter switch
-    # interval, and no BLAS/OpenMP worker threads (the matrices are tiny) competing
-    # for a small VPS's cores, keep /api/status fast while the loop is busy.
-    sys.setswitchinterval(0.001)
-    threadpool_limits(1)
-    stop_event = threading.Event()
-    try:
-        app = build_app(args, settings, stop_event)
-    except (ConfigError, BadData) as exc:
-        print(f"bot.py: {exc}", file=sys.stderr)
-        return 2
-
-    def on_signal(signum: int, _frame: Any) -> None:
-        log.info("%s received: stopping", signal.Signals(signum).name)
-        stop_event.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    try:
-        app.bot.start()
-        app.runner.publish()  # the API answers with the restored state from its first request
-        if app.server:
-            port = app.server.start()
-            log.info(
-                "dashboard on http://%s:%d/ (mode %s, pair %s)", settings.HTTP_HOST, port, app.bot.mode, settings.PAIR
-            )
-        wall_started = time.perf_counter()
-        app.runner.run(app.until)
-        wall_sec = time.perf_counter() - wall_started
-        app.bot.shutdown()
-        if app.replay:
-            report = replay_report(
-                source=args.replay,
-                market=app.replay,
-                stats=app.bot.stats.__dict__,
-                final_status=app.board.status() or app.bot.status(),
-                wall_sec=wall_sec,
-            )
-            path = Path(args.report or f"{args.replay}.report.json")
-            _write_json_atomically(path, report)
-            log.info("replay of %d candles done in %.1fs; report written to %s", report["candles"], wall_sec, path)
-            if app.server and not stop_event.is_set():
-                log.info("serving the dashboard until Ctrl-C")
-                stop_event.wait()
-    except BotError as exc:
-        print(f"bot.py: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        if app.server:
-            app.server.stop()
-        for close in app.cleanup:
-            close()
-    log.info("stopped cleanly")
-    return 0
-
-
-def _write_json_atomically(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 if __name__ == "__main__":
+    from app import run  # the command line and the wiring of each mode
+
     sys.exit(run())

@@ -132,6 +132,17 @@ class CandlePipeline:
         n, st.new_since_check = st.new_since_check, 0
         return n
 
+    def recount(self, interval: int) -> int:
+        """Re-read ``interval``'s row count from the store and return it.
+
+        For rows written behind the pipeline's back (the trades backfill adds
+        older candles); the window, newest time and health are left as they are.
+        Raises :class:`RetryLater` when the store fails (the count is unchanged).
+        """
+        st = self.state[interval]
+        st.available = self.store.count_candles(self.pair, interval)
+        return st.available
+
     def prune_if_due(self, now: float) -> int:
         """Drop candles older than the retention, never below each feed's training target."""
         if self._last_prune_at is not None and now - self._last_prune_at < PRUNE_EVERY_SEC:

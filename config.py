@@ -28,7 +28,11 @@ log = logging.getLogger(__name__)
 
 # Environment variables with these prefixes are ours; an unknown one is
 # probably a typo and is reported instead of silently ignored.
-OWN_PREFIXES = ("HMM_", "REGIME_", "OHLCV_", "KRAKEN_", "SIM_", "CONSENSUS_", "AI_", "GROQ_", "NVIDIA_", "GRID_")
+OWN_PREFIXES = (
+    "HMM_", "REGIME_", "OHLCV_", "KRAKEN_", "SIM_", "CONSENSUS_", "AI_", "GROQ_", "NVIDIA_", "GRID_", "PAPER_",
+    "LIVE_", "TRADES_",
+)  # fmt: skip
+LIVE_CONFIRMATION = "real-money"
 
 
 def _setting(
@@ -130,6 +134,49 @@ class Settings:
     AI_MODEL_KIND: str = _setting("instruct", "Kind of AI_MODEL", choices=("instruct", "reasoning"))
     # --- grid ---------------------------------------------------------------
     GRID_ENTRY_PCT: float = _setting(0.35, "Distance of grid entries from the market, percent of price", lo=0.01, hi=20)
+    GRID_SLOTS: int = _setting(3, "Grid slots, each with a sell-first (A) and a buy-first (B) leg", lo=1, hi=20)
+    GRID_SLOT_STEP_PCT: float = _setting(0.35, "Each further slot enters this much farther out, percent", lo=0, hi=20)
+    GRID_EXIT_PCT: float = _setting(1.0, "Exit distance from the entry fill, percent (above both fees)", lo=0.05, hi=50)
+    GRID_ORDER_USD: float = _setting(20.0, "Size of one entry, in the quote currency", lo=0.5, hi=1_000_000)
+    GRID_SKEW: float = _setting(
+        0.75, "Tier 1 skew: with-trend distance x (1 - skew*|bias|), against x (1 + skew*|bias|)", lo=0, hi=1
+    )
+    GRID_REFRESH_PCT: float = _setting(0.5, "Reprice a resting entry once its target moved this far, percent", lo=0.01)
+    GRID_MAKER_FEE_PCT: float = _setting(0.25, "Paper maker fee, percent (live: from Kraken)", lo=0, hi=5)
+    GRID_MAX_EXPOSURE_USD: float = _setting(
+        1000.0, "Cap on resting entries plus open positions, in the quote currency", lo=1, hi=1e9
+    )
+    GRID_CAPACITY_CAUTION_SHARE: float = _setting(0.7, "Open orders / MAX_OPEN_ORDERS for the caution band", lo=0, hi=1)
+    GRID_CAPACITY_STOP_SHARE: float = _setting(0.9, "Open orders / MAX_OPEN_ORDERS for the stop band", lo=0, hi=1)
+    GRID_TREND_FAST: int = _setting(20, "Fast EMA of the trend detector, in 1m candles", lo=2, hi=10_000)
+    GRID_TREND_SLOW: int = _setting(60, "Slow EMA of the trend detector, in 1m candles", lo=3, hi=100_000)
+    GRID_TREND_BAND_PCT: float = _setting(0.1, "EMA gap (percent) that counts as a trend", lo=0, hi=20)
+    GRID_KELLY_MIN_SAMPLES: int = _setting(20, "Cycles of a regime before its Kelly edge is reported", lo=1, hi=100_000)
+    GRID_RECONCILE_INTERVAL_SEC: float = _setting(
+        300.0, "Compare the grid's orders with the exchange's this often", lo=10, hi=86400
+    )
+    REGIME_SUPPRESSION_GRACE_SEC: float = _setting(
+        60.0, "Tier 2 cancels against-trend entries this long after it begins", lo=0, hi=86400
+    )
+    RECOVERY_AFTER_SEC: float = _setting(
+        7200.0, "An exit resting this long becomes a recovery order and its leg enters again", lo=60, hi=30 * 86400
+    )
+    MAX_OPEN_ORDERS: int = _setting(20, "Most open orders; the capacity band is measured against it", lo=2, hi=1000)
+    PAPER_START_USD: float = _setting(1000.0, "Paper account at the first price, in the quote currency", lo=1, hi=1e9)
+    PAPER_BASE_SHARE: float = _setting(0.5, "Share of the paper account bought as the base asset at start", lo=0, hi=1)
+    # --- live trading -----------------------------------------------------------
+    KRAKEN_API_KEY: str = _setting("", "Kraken API key (--live only)", secret=True)
+    KRAKEN_API_SECRET: str = _setting("", "Kraken API secret, base64 (--live only)", secret=True)
+    LIVE_TRADING_CONFIRM: str = _setting("", f"Must be '{LIVE_CONFIRMATION}' for --live to start")
+    KRAKEN_NONCE_PATH: str = _setting("data/kraken.nonce", "File keeping the last private API nonce across restarts")
+    KRAKEN_USERREF: int = _setting(
+        7_300_001, "Tag (userref) on this bot's Kraken orders; other orders are left alone", lo=1, hi=2**31 - 1
+    )
+    # --- deep warm-up -------------------------------------------------------------
+    TRADES_BACKFILL_ENABLED: bool = _setting(True, "Backfill training candles from Kraken's public trades")
+    TRADES_BACKFILL_MIN_INTERVAL_SEC: float = _setting(
+        1.0, "Least time between two Trades requests (Kraken's public rate limit)", lo=0.2, hi=60
+    )
 
     def redacted(self) -> dict[str, Any]:
         """All settings with secrets masked: safe to log or display."""
@@ -335,8 +382,36 @@ def _cross_checks(s: Settings) -> list[str]:
         "or AI_BASE_URL and AI_MODEL",
     )
     need(
+        s.GRID_EXIT_PCT > 2 * s.GRID_MAKER_FEE_PCT,
+        f"GRID_EXIT_PCT={s.GRID_EXIT_PCT:g} must be above twice GRID_MAKER_FEE_PCT={s.GRID_MAKER_FEE_PCT:g}: "
+        "every cycle would lose money",
+    )
+    need(
+        s.GRID_ORDER_USD <= s.GRID_MAX_EXPOSURE_USD,
+        f"GRID_ORDER_USD={s.GRID_ORDER_USD:g} must be at most GRID_MAX_EXPOSURE_USD={s.GRID_MAX_EXPOSURE_USD:g}",
+    )
+    need(
+        s.GRID_CAPACITY_CAUTION_SHARE <= s.GRID_CAPACITY_STOP_SHARE,
+        f"GRID_CAPACITY_CAUTION_SHARE={s.GRID_CAPACITY_CAUTION_SHARE:g} must be at most "
+        f"GRID_CAPACITY_STOP_SHARE={s.GRID_CAPACITY_STOP_SHARE:g}",
+    )
+    need(
+        s.GRID_TREND_FAST < s.GRID_TREND_SLOW,
+        f"GRID_TREND_FAST={s.GRID_TREND_FAST} must be below GRID_TREND_SLOW={s.GRID_TREND_SLOW}",
+    )
+    need(
         is_loopback(s.HTTP_HOST) or bool(s.API_TOKEN),
         f"HTTP_HOST={s.HTTP_HOST!r} is not a loopback address: set API_TOKEN before "
         "exposing the API beyond this machine",
     )
+    return problems
+
+
+def live_problems(s: Settings) -> list[str]:
+    """Why ``--live`` must not start with these settings (empty: it may)."""
+    problems = []
+    if not (s.KRAKEN_API_KEY and s.KRAKEN_API_SECRET):
+        problems.append("--live needs KRAKEN_API_KEY and KRAKEN_API_SECRET")
+    if s.LIVE_TRADING_CONFIRM != LIVE_CONFIRMATION:
+        problems.append(f"--live places real orders: set LIVE_TRADING_CONFIRM={LIVE_CONFIRMATION} to confirm")
     return problems

@@ -1,4 +1,4 @@
-"""Kraken public REST client (OHLC), with a pure parser.
+"""Kraken public REST client (OHLC, Trades), with pure parsers.
 
 Kraken answers HTTP 200 with ``{"error": [...], "result": {...}}``; a
 non-empty ``error`` array is a failure. Rate limits and service errors are
@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import requests
 
@@ -117,6 +118,72 @@ def _as_int(value: Any) -> int:
     return int(value)
 
 
+class Trade(NamedTuple):
+    """One public trade: unix seconds (sub-second), price, and volume in the base asset."""
+
+    time: float
+    price: float
+    volume: float
+
+
+class TradesPage(NamedTuple):
+    """One ``/0/public/Trades`` answer: trades oldest first and ``last``, the
+    nanosecond cursor to pass as the next ``since``."""
+
+    trades: list[Trade]
+    last: int
+
+
+def parse_trades(payload: Any) -> TradesPage:
+    """Parse a decoded ``/0/public/Trades`` answer.
+
+    Rows are ``[price, volume, time, buy/sell, market/limit, misc, trade_id]``
+    with string price and volume and float seconds; ``last`` is a nanosecond
+    timestamp (a string). Raises :class:`RetryLater` or :class:`BadData` like
+    :func:`parse_ohlc`.
+    """
+    if not isinstance(payload, dict):
+        raise BadData("Kraken Trades: the answer is not a JSON object")
+    errors = payload.get("error") or []
+    if not isinstance(errors, list):
+        raise BadData("Kraken Trades: 'error' is not a list")
+    if errors:
+        raise classify_errors(errors)
+    result = payload.get("result")
+    if not isinstance(result, dict):
+        raise BadData("Kraken Trades: no 'result' object")
+    series = [v for k, v in result.items() if k != "last"]
+    if len(series) != 1 or not isinstance(series[0], list):
+        raise BadData("Kraken Trades: expected exactly one pair in 'result'")
+    try:
+        last = _as_int(result["last"])
+    except (KeyError, TypeError, ValueError):
+        raise BadData(f"Kraken Trades: 'last' is not an integer: {result.get('last')!r}") from None
+    trades = [_parse_trade(row, i) for i, row in enumerate(series[0])]
+    for i in range(1, len(trades)):
+        if trades[i].time < trades[i - 1].time:
+            raise BadData(f"Kraken Trades: row {i} ({trades[i].time}) is older than row {i - 1}")
+    return TradesPage(trades, last)
+
+
+def _parse_trade(row: Any, index: int) -> Trade:
+    if not isinstance(row, list) or len(row) < 3:
+        raise BadData(f"Kraken Trades: row {index} is not a [price, volume, time, ...] list: {row!r}")
+    if any(isinstance(v, bool) for v in row[:3]):
+        raise BadData(f"Kraken Trades: row {index} has a non-numeric field: {row!r}")
+    try:
+        trade = Trade(time=float(row[2]), price=float(row[0]), volume=float(row[1]))
+    except (TypeError, ValueError):
+        raise BadData(f"Kraken Trades: row {index} has a non-numeric field: {row!r}") from None
+    if not (math.isfinite(trade.price) and trade.price > 0):
+        raise BadData(f"Kraken Trades: row {index}: price must be finite and positive: {row!r}")
+    if not (math.isfinite(trade.volume) and trade.volume >= 0):
+        raise BadData(f"Kraken Trades: row {index}: volume must be finite and non-negative: {row!r}")
+    if not (math.isfinite(trade.time) and trade.time > 0):
+        raise BadData(f"Kraken Trades: row {index}: time must be a positive unix timestamp: {row!r}")
+    return trade
+
+
 class KrakenPublicClient:
     """Kraken public market data for one pair (the :class:`candles.MarketData` of paper/live)."""
 
@@ -145,6 +212,15 @@ class KrakenPublicClient:
         if since is not None:
             params["since"] = since
         return self._with_retries(lambda: parse_ohlc(self._get("/0/public/OHLC", params), interval_min, self._now()))
+
+    def fetch_trades(self, since: int | None = None, count: int | None = None) -> TradesPage:
+        """Public trades after ``since`` (a nanosecond cursor, exclusive), at most ``count`` (Kraken: 1000)."""
+        params: dict[str, Any] = {"pair": self.pair}
+        if since is not None:
+            params["since"] = since
+        if count is not None:
+            params["count"] = count
+        return self._with_retries(lambda: parse_trades(self._get("/0/public/Trades", params)))
 
     def _with_retries(self, call: Callable[[], OhlcPage]) -> OhlcPage:
         attempt = 0

@@ -73,6 +73,74 @@ class ReplayMarket:
         return OhlcPage(series[lo:hi], forming, last)
 
 
+def buy_and_hold(series: dict[str, list[float]], *, start_equity: float, fee_pct: float) -> dict[str, Any]:
+    """Everything in the base asset at the first price (one maker fee), held to the end."""
+    prices = series["price"]
+    units = start_equity * (1 - fee_pct / 100.0) / prices[0]
+    peak, max_dd = 0.0, 0.0
+    equity = []
+    for p in prices:
+        e = units * p
+        equity.append(e)
+        peak = max(peak, e)
+        max_dd = max(max_dd, (peak - e) / peak * 100.0)
+    return {
+        "net_pnl_usd": round(equity[-1] - start_equity, 6),
+        "max_drawdown_pct": round(max_dd, 4),
+        "cycles": 0,
+        "fees_usd": round(start_equity * fee_pct / 100.0, 6),
+        "start_equity_usd": round(start_equity, 6),
+        "end_equity_usd": round(equity[-1], 6),
+        "end_inventory": {"quote": 0.0, "base": round(units, 8)},
+        "equity": equity,
+    }
+
+
+def tier_figures(tiers: Sequence[float], span_sec: float) -> dict[str, Any]:
+    """Share of cycles in each effective tier and the tier changes per day (one cycle per candle)."""
+    n = len(tiers) or 1
+    changes = sum(1 for a, b in pairwise(tiers) if a != b)
+    days = span_sec / 86400 if span_sec > 0 else 0.0
+    return {
+        "tier_share": {str(t): round(sum(1 for x in tiers if x == t) / n, 4) for t in (0, 1, 2)},
+        "tier_changes": changes,
+        "tier_changes_per_day": round(changes / days, 2) if days else None,
+    }
+
+
+def strategies_report(
+    series: dict[str, list[float]],
+    *,
+    regime_aware: dict[str, Any],
+    symmetric: dict[str, Any],
+    fee_pct: float,
+    span_sec: float,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The report's ``strategies`` block, and the plot's series (equity curves, tiers)."""
+    hold = buy_and_hold(series, start_equity=regime_aware["start_equity_usd"], fee_pct=fee_pct)
+    hold_equity = hold.pop("equity")
+    strategies = {
+        "regime_aware": {**regime_aware, **tier_figures(series["tier"], span_sec)},
+        "symmetric": symmetric,
+        "buy_and_hold": hold,
+    }
+    plot = {
+        "t": series["t"],
+        "price": series["price"],
+        "tier": [int(t) for t in series["tier"]],
+        "equity": {
+            "regime_aware": series["regime_aware"],
+            "symmetric": series["symmetric"],
+            "buy_and_hold": hold_equity,
+        },
+        "summary": {
+            name: {k: s[k] for k in ("net_pnl_usd", "max_drawdown_pct", "cycles", "fees_usd")}
+            for name, s in strategies.items()
+        },
+    }
+    return strategies, plot
+
+
 def replay_report(
     *,
     source: str,
@@ -80,6 +148,7 @@ def replay_report(
     stats: dict[str, Any],
     final_status: dict[str, Any],
     wall_sec: float,
+    strategies: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The replay report (SPEC section 1) from the bot's run statistics."""
     span = market.end_time - market.start_time
@@ -98,6 +167,7 @@ def replay_report(
         "tier_share": {str(t): round(s / total, 4) for t, s in sorted(tier_seconds.items())},
         "tier_changes": stats["tier_changes"],
         "tier_changes_per_day": round(stats["tier_changes"] / days, 2) if days else None,
+        "strategies": strategies,
         "final": {
             "regime_tier": final_status["regime_tier"],
             "training_depth": {

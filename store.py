@@ -58,6 +58,14 @@ class Store(Protocol):
     def ai_opinions(self, pair: str, limit: int = 50) -> list[dict[str, Any]]:
         """The newest opinions, newest first."""
 
+    def record_fill(self, row: dict[str, Any]) -> None:
+        """A grid fill (unique on pair and order id: recording it again changes nothing)."""
+        ...
+
+    def fills(self, pair: str, limit: int = 50) -> list[dict[str, Any]]:
+        """The newest fills first."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -114,7 +122,42 @@ CREATE TABLE IF NOT EXISTS ai_regime_opinions (
     hit INTEGER,
     PRIMARY KEY (pair, ts)
 );
+CREATE TABLE IF NOT EXISTS fills (
+    pair TEXT NOT NULL,
+    order_id TEXT NOT NULL,
+    ts REAL NOT NULL,
+    exchange TEXT NOT NULL,
+    slot INTEGER NOT NULL,
+    leg TEXT NOT NULL,
+    role TEXT NOT NULL,
+    side TEXT NOT NULL,
+    price REAL NOT NULL,
+    volume REAL NOT NULL,
+    fee REAL NOT NULL,
+    regime_at_entry TEXT NOT NULL,
+    tier_at_entry INTEGER NOT NULL,
+    cycle_net REAL,
+    PRIMARY KEY (pair, order_id)
+);
+CREATE INDEX IF NOT EXISTS fills_pair_ts ON fills (pair, ts);
 """
+
+FILL_COLUMNS = (
+    "pair",
+    "order_id",
+    "ts",
+    "exchange",
+    "slot",
+    "leg",
+    "role",
+    "side",
+    "price",
+    "volume",
+    "fee",
+    "regime_at_entry",
+    "tier_at_entry",
+    "cycle_net",
+)
 
 OPINION_COLUMNS = (
     "pair",
@@ -305,6 +348,23 @@ class SQLiteStore:
         for row in rows:
             row["hit"] = None if row["hit"] is None else bool(row["hit"])
         return rows
+
+    def record_fill(self, row: dict[str, Any]) -> None:
+        values = tuple(row.get(c) for c in FILL_COLUMNS)
+        with _faults("recording a fill"), self._lock, self._conn:
+            self._conn.execute(
+                f"INSERT INTO fills ({', '.join(FILL_COLUMNS)}) VALUES ({', '.join('?' for _ in FILL_COLUMNS)}) "
+                "ON CONFLICT (pair, order_id) DO NOTHING",
+                values,
+            )
+
+    def fills(self, pair: str, limit: int = 50) -> list[dict[str, Any]]:
+        with _faults("reading fills"), self._lock:
+            cur = self._conn.execute(
+                f"SELECT {', '.join(FILL_COLUMNS)} FROM fills WHERE pair = ? ORDER BY ts DESC, order_id DESC LIMIT ?",
+                (pair, limit),
+            )
+            return [dict(zip(FILL_COLUMNS, r, strict=True)) for r in cur.fetchall()]
 
     def close(self) -> None:
         with self._lock:

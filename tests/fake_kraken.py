@@ -1,4 +1,5 @@
-"""A local fake of Kraken's public REST API (``GET /0/public/OHLC``) for tests.
+"""A local fake of Kraken's public REST API (``GET /0/public/OHLC`` and
+``GET /0/public/Trades``) for tests.
 
 A real HTTP server on 127.0.0.1 (port 0) in a daemon thread, serving a list of
 1-minute :class:`candles.Candle` as Kraken would at the injected ``now``:
@@ -16,8 +17,18 @@ A real HTTP server on 127.0.0.1 (port 0) in a daemon thread, serving a list of
 - intervals other than 1 are aggregated from the 1-minute candles
   (:func:`candles.aggregate`, buckets aligned to the epoch).
 
-Failures are injected with :meth:`FakeKraken.fail_next`. Rendering is pure
-(:func:`render_ohlc`); the request handler is a thin adapter bound to its
+Trades (:meth:`FakeKraken.set_trades`, :class:`kraken_client.Trade`) are served
+as ``{"error": [], "result": {PAIR: [["price", "volume", time, "b"|"s",
+"m"|"l", "", trade_id], ...], "last": "<nanoseconds>"}}``: at most ``count``
+(default and maximum 1000) trades, oldest first, only those done by ``now``;
+with ``since`` the first ones newer than it (exclusive; nanoseconds, or unix
+seconds when below 10^11, as Kraken accepts both), without it the newest
+ones; ``last`` is the nanosecond time of the last trade returned (``since``
+itself when none is).
+
+Failures are injected with :meth:`FakeKraken.fail_next` (they apply to OHLC
+and Trades requests alike). Rendering is pure (:func:`render_ohlc`,
+:func:`render_trades`); the request handler is a thin adapter bound to its
 server by a factory.
 """
 
@@ -38,16 +49,22 @@ from typing import Any, NamedTuple
 from urllib.parse import parse_qsl, urlsplit
 
 from candles import Candle, aggregate
+from kraken_client import Trade
 
 log = logging.getLogger(__name__)
 
 OHLC_PATH = "/0/public/OHLC"
+TRADES_PATH = "/0/public/Trades"
+TRADES_MAX_COUNT = 1000
+SINCE_SECONDS_BELOW = 10**11  # a smaller ``since`` is unix seconds, a larger one nanoseconds
+NS_PER_SEC = 1_000_000_000
 KRAKEN_WINDOW = 720
 KRAKEN_INTERVALS = (1, 5, 15, 30, 60, 240, 1440, 10080, 21600)
 PRICE_DECIMALS = 7  # XDGUSD pair_decimals
 VOLUME_DECIMALS = 8  # XDGUSD lot_decimals
 BAD_ROW_INDEX = 0  # the row "bad_row" corrupts
 BAD_PRICE = "n/a"
+MAX_POST_BYTES = 64 * 1024  # a POST body larger than this is refused unread
 
 ERROR_ARRAYS = {
     "rate_limit": "EAPI:Rate limit exceeded",
@@ -175,6 +192,92 @@ def respond_ohlc(
     return status, headers, body
 
 
+def trade_ns(time: float) -> int:
+    """A trade's time in nanoseconds, exact for the float's shortest decimal text."""
+    return int(Decimal(repr(float(time))) * NS_PER_SEC)
+
+
+def trade_row(trade: Trade, trade_id: int) -> list[Any]:
+    """``[price, volume, time, buy/sell, market/limit, misc, trade_id]`` with Kraken's string fields."""
+    side = "b" if trade_id % 2 else "s"
+    kind = "m" if trade_id % 3 == 0 else "l"
+    price = _decimal_text(trade.price, PRICE_DECIMALS)
+    return [price, _decimal_text(trade.volume, VOLUME_DECIMALS), float(trade.time), side, kind, "", trade_id]
+
+
+def render_trades(
+    trades: Sequence[Trade], times_ns: Sequence[int], pair: str, since_ns: int | None, count: int, now: float
+) -> dict[str, Any]:
+    """The decoded ``/0/public/Trades`` answer at ``now``.
+
+    ``trades`` are sorted by time and ``times_ns`` are their :func:`trade_ns`;
+    a trade's id is its position in ``trades`` plus one.
+    """
+    done = bisect.bisect_right(times_ns, trade_ns(now))
+    lo = max(0, done - count) if since_ns is None else bisect.bisect_right(times_ns, since_ns, 0, done)
+    hi = min(done, lo + count)
+    rows = [trade_row(trades[i], i + 1) for i in range(lo, hi)]
+    empty_last = since_ns if since_ns is not None else trade_ns(now)
+    last = times_ns[hi - 1] if hi > lo else empty_last
+    return {"error": [], "result": {pair: rows, "last": str(last)}}
+
+
+def _since_ns(text: str) -> int | None:
+    """``since`` as nanoseconds; unix seconds (possibly fractional) below :data:`SINCE_SECONDS_BELOW`."""
+    if text == "":
+        return None
+    value = Decimal(text)
+    if not value.is_finite() or value < 0:
+        raise ValueError(text)
+    return int(value * NS_PER_SEC) if value < SINCE_SECONDS_BELOW else int(value)
+
+
+def _failure_answer(failure: Failure | None) -> Response | None:
+    """The answer of an injected error array or HTTP failure, else ``None``."""
+    kind = failure.kind if failure else None
+    if kind in ERROR_ARRAYS:
+        return _kraken_error(ERROR_ARRAYS[kind])
+    if kind in HTTP_FAILURES:
+        extra = {"Retry-After": f"{failure.retry_after:g}"} if failure.retry_after is not None else {}
+        return _html(HTTP_FAILURES[kind], extra)
+    return None
+
+
+def respond_trades(
+    trades: Sequence[Trade],
+    times_ns: Sequence[int],
+    pair: str,
+    params: dict[str, str],
+    now: float,
+    failure: Failure | None,
+) -> Response:
+    """Status, headers and body of one Trades request (after any ``slow`` wait)."""
+    failed = _failure_answer(failure)
+    if failed is not None:
+        return failed
+    requested = params.get("pair", "")
+    if not requested:
+        return _kraken_error("EGeneral:Invalid arguments")
+    if requested.upper() != pair.upper():
+        return _kraken_error("EQuery:Unknown asset pair")
+    try:
+        since = _since_ns(params.get("since", ""))
+        count = int(params.get("count", str(TRADES_MAX_COUNT)))
+    except (ArithmeticError, ValueError):
+        return _kraken_error("EGeneral:Invalid arguments")
+    if not 1 <= count <= TRADES_MAX_COUNT:
+        return _kraken_error("EGeneral:Invalid arguments")
+    payload = render_trades(trades, times_ns, pair, since, count, now)
+    if failure is not None and failure.kind == "bad_row":
+        rows = payload["result"][pair]
+        if rows:
+            rows[BAD_ROW_INDEX][0] = BAD_PRICE
+    status, headers, body = _json(200, payload)
+    if failure is not None and failure.kind == "malformed":
+        body = body[: len(body) // 2]  # a cut-off object is never valid JSON
+    return status, headers, body
+
+
 # The server -------------------------------------------------------------------
 
 
@@ -204,6 +307,7 @@ class _Server(ThreadingHTTPServer):
 def _make_handler(fake: FakeKraken) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        disable_nagle_algorithm = True  # headers and body leave at once: no 40 ms delayed-ACK stall per request
 
         def version_string(self) -> str:
             return "FakeKraken/1.0"
@@ -229,6 +333,32 @@ def _make_handler(fake: FakeKraken) -> type[BaseHTTPRequestHandler]:
             except OSError:  # the client gave up (e.g. its timeout fired)
                 self.close_connection = True
 
+        def do_POST(self) -> None:
+            try:
+                length = int(self.headers.get("Content-Length") or 0)
+            except ValueError:
+                length = -1
+            if not 0 <= length <= MAX_POST_BYTES:
+                self._send_answer(_json(413, {"error": ["EGeneral:Invalid arguments"]}))
+                return
+            body = self.rfile.read(length)
+            self._send_answer(fake.handle_post(urlsplit(self.path).path, body, dict(self.headers.items())))
+
+        def _send_answer(self, answer: Response | None) -> None:
+            if answer is None:  # no answer on purpose (a dropped connection): close it unanswered
+                self.close_connection = True
+                return
+            status, headers, body = answer
+            try:
+                self.send_response(status)
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+            except OSError:
+                self.close_connection = True
+
         def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
             log.debug("fake Kraken: " + format, *args)
 
@@ -236,24 +366,35 @@ def _make_handler(fake: FakeKraken) -> type[BaseHTTPRequestHandler]:
 
 
 class FakeKraken:
-    """Kraken's public OHLC endpoint over real HTTP, driven by a clock.
+    """Kraken's public OHLC and Trades endpoints over real HTTP, driven by a clock.
 
     Use as a context manager, or :meth:`start` / :meth:`stop`. Every request
-    is recorded in :attr:`requests` as ``{"path", "params", "headers"}``.
+    is recorded in :attr:`requests` as ``{"path", "params", "headers", "at"}``
+    (``at``: the fake's ``now`` when it arrived).
     """
 
-    def __init__(self, candles: list[Candle], *, now: Callable[[], float], pair: str = "XDGUSD") -> None:
+    def __init__(
+        self,
+        candles: list[Candle],
+        *,
+        now: Callable[[], float],
+        pair: str = "XDGUSD",
+        trades: Sequence[Trade] = (),
+    ) -> None:
         self.pair = pair
         self.url = ""
         self.requests: list[dict] = []
         self._now = now
         self._lock = threading.Lock()
         self._candles: list[Candle] = []
+        self._trades: list[Trade] = []
+        self._trade_ns: list[int] = []
         self._failures: deque[Failure] = deque()
         self._stop = threading.Event()
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
         self.set_candles(candles)
+        self.set_trades(trades)
 
     # control --------------------------------------------------------------------
 
@@ -263,8 +404,15 @@ class FakeKraken:
         with self._lock:
             self._candles = ordered
 
+    def set_trades(self, trades: Sequence[Trade]) -> None:
+        """Replace the public trades (any order; equal times keep their given order)."""
+        ordered = sorted(trades, key=lambda t: t.time)
+        times = [trade_ns(t.time) for t in ordered]
+        with self._lock:
+            self._trades, self._trade_ns = ordered, times
+
     def fail_next(self, n: int, kind: str, *, retry_after: float | None = None, delay: float = 0.0) -> None:
-        """Make the next ``n`` OHLC requests fail with ``kind`` (queued after earlier ones)."""
+        """Make the next ``n`` OHLC or Trades requests fail with ``kind`` (queued after earlier ones)."""
         if kind not in FAIL_KINDS:
             raise ValueError(f"unknown failure kind {kind!r}; expected one of {sorted(FAIL_KINDS)}")
         if n < 0 or delay < 0 or (retry_after is not None and retry_after < 0):
@@ -316,15 +464,24 @@ class FakeKraken:
 
     # serving --------------------------------------------------------------------
 
+    def handle_post(self, path: str, body: bytes, headers: dict[str, str]) -> Response | None:
+        """Answer one POST (private endpoints live in a subclass); ``None`` drops the connection unanswered."""
+        with self._lock:
+            self.requests.append({"path": path, "params": {}, "headers": headers, "method": "POST"})
+        return _json(404, {"error": ["EGeneral:Unknown method"]})
+
     def handle(self, path: str, params: dict[str, str], headers: dict[str, str]) -> Response | None:
         """Answer one GET (called from a handler thread); ``None`` when stopped meanwhile."""
+        arrived = self._now()
         with self._lock:
-            self.requests.append({"path": path, "params": params, "headers": headers})
-            if path != OHLC_PATH:
+            self.requests.append({"path": path, "params": params, "headers": headers, "at": arrived})
+            if path not in (OHLC_PATH, TRADES_PATH):
                 return _json(404, {"error": ["EGeneral:Unknown method"]})
             failure = self._failures.popleft() if self._failures else None
         if failure is not None and failure.kind == "slow" and self._stop.wait(failure.delay):
             return None
         with self._lock:
-            candles = self._candles
+            candles, trades, trade_times = self._candles, self._trades, self._trade_ns
+        if path == TRADES_PATH:
+            return respond_trades(trades, trade_times, self.pair, params, self._now(), failure)
         return respond_ohlc(candles, self.pair, params, self._now(), failure)

@@ -6,7 +6,7 @@ import pytest
 from conftest import make_sim_bot, run_ticks
 
 from errors import BadData, RetryLater
-from regime_policy import BULLISH, RegimeSignal
+from regime_policy import BULLISH, RANGING, RegimeSignal
 
 
 def depth(bot, model="primary"):
@@ -105,20 +105,39 @@ def test_shadow_mode_pins_tier_0_and_shows_what_would_be(tmp_path):
     assert bot.status()["regime_tier"]["recent_transitions"][0]["shadow"] is True
 
 
-def test_capacity_stop_blocks_upgrades(tmp_path):
-    bot = make_sim_bot(tmp_path / "cap.sqlite3", HMM_SECONDARY_ENABLED=False, REGIME_MIN_DWELL_SEC=0)
-    bot.capacity_band = "stop"
+def test_capacity_stop_from_the_grid_blocks_upgrades(tmp_path):
+    # One slot and room for two orders: the grid's two entries fill its capacity (band "stop").
+    bot = make_sim_bot(
+        tmp_path / "cap.sqlite3", HMM_SECONDARY_ENABLED=False, REGIME_MIN_DWELL_SEC=0, GRID_SLOTS=1, MAX_OPEN_ORDERS=2
+    )
     bot.tick()
+    fixed_signal(bot, RegimeSignal(RANGING, 0.9, 0.0, (0.05, 0.9, 0.05)))
+    run_ticks(bot, 8, 15)
+    assert bot.status()["regime_tier"]["mechanical"]["tier"] == 0
+    assert bot.status()["grid"]["capacity"] == {"open_orders": 2, "max_open_orders": 2, "headroom": 0, "band": "stop"}
     fixed_signal(bot, RegimeSignal(BULLISH, 0.95, 0.9, (0.0, 0.05, 0.95)))
     run_ticks(bot, 8, 15)
     st = bot.status()["regime_tier"]
     assert st["mechanical"]["tier"] == 0
     assert "capacity stop blocks upgrade" in st["mechanical"]["held_because"]
     assert st["capacity_band"] == "stop"
-    bot.capacity_band = "normal"
-    run_ticks(bot, 2, 15)
-    assert bot.status()["regime_tier"]["mechanical"]["tier"] == 2
-    assert bot.status()["regime_tier"]["suppressed_side"] == "A"
+
+
+def test_tier_2_suppresses_the_grids_against_trend_entries_after_the_grace(tmp_path):
+    bot = make_sim_bot(tmp_path / "t2.sqlite3", HMM_SECONDARY_ENABLED=False, REGIME_MIN_DWELL_SEC=0)
+    bot.tick()
+    fixed_signal(bot, RegimeSignal(BULLISH, 0.95, 0.9, (0.0, 0.05, 0.95)))
+    run_ticks(bot, 8, 15)
+    status = bot.status()
+    assert status["regime_tier"]["mechanical"]["tier"] == 2
+    assert status["regime_tier"]["suppressed_side"] == "A"
+    grid = status["grid"]
+    assert grid["posture"]["tier"] == 2 and grid["posture"]["suppressed_side"] == "sell"
+    run_ticks(bot, 6, 15)  # past REGIME_SUPPRESSION_GRACE_SEC (60 s)
+    grid = bot.status()["grid"]
+    entries = [o for o in grid["open_orders"] if o["role"] == "entry"]
+    assert entries and all(o["side"] == "buy" for o in entries)
+    assert all(row["A"] in ("suppressed", "exit") for row in grid["slots"])
 
 
 def test_restart_restores_tier_state_and_models_without_retraining(tmp_path):

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 from conftest import DOGE_1M
@@ -100,6 +101,36 @@ def test_replay_subprocess_writes_the_report(tmp_path, bot_process):
     assert [r["quality_tier"] for r in primary if r["reason"] == "tier_improvement"] == ["baseline", "deep", "full"]
     assert all({"time", "model", "candles", "quality_tier"} <= set(r) for r in retrains)
     assert "replay of 4320 candles done" in p.output
+    assert_scorecard_consistent(report)
+
+
+def assert_scorecard_consistent(report: dict) -> None:
+    """The strategies block adds up: every P&L figure is explained by its parts."""
+    strategies = report["strategies"]
+    assert set(strategies) == {"regime_aware", "symmetric", "buy_and_hold"}
+    first, last = report["prices"]["first"], report["prices"]["last"]
+    for name, s in strategies.items():
+        assert {"net_pnl_usd", "max_drawdown_pct", "cycles", "fees_usd", "end_inventory"} <= set(s), name
+        inv = s["end_inventory"]
+        assert s["end_equity_usd"] == pytest.approx(inv["quote"] + inv["base"] * last, abs=1e-4), name
+        assert s["net_pnl_usd"] == pytest.approx(s["end_equity_usd"] - s["start_equity_usd"], abs=1e-4), name
+        assert 0 <= s["max_drawdown_pct"] < 100
+    for name in ("regime_aware", "symmetric"):
+        s = strategies[name]
+        explained = s["start_inventory_drift_usd"] + s["realized_pnl_usd"] + s["open_positions_mtm_usd"]
+        assert s["net_pnl_usd"] == pytest.approx(explained - s["open_entry_fees_usd"], abs=1e-4), name
+        assert s["fees_usd"] >= s["open_entry_fees_usd"] >= 0
+        assert s["start_equity_usd"] == pytest.approx(strategies["buy_and_hold"]["start_equity_usd"])
+    hold = strategies["buy_and_hold"]
+    assert hold["cycles"] == 0 and hold["end_inventory"]["quote"] == 0
+    held_value = hold["end_inventory"]["base"] * last
+    assert hold["net_pnl_usd"] == pytest.approx(held_value - hold["start_equity_usd"], abs=1e-4)
+    assert hold["end_inventory"]["base"] * first == pytest.approx(hold["start_equity_usd"] - hold["fees_usd"])
+    aware = strategies["regime_aware"]
+    assert sum(aware["tier_share"].values()) == pytest.approx(1.0, abs=1e-3)
+    assert aware["tier_changes"] >= 0 and aware["tier_changes_per_day"] is not None
+    plot = Path(report["plot"])
+    assert plot.exists() and "<svg" in plot.read_text()
 
 
 @pytest.mark.skipif(not DOGE_1M.exists(), reason=f"real data not found at {DOGE_1M}")
@@ -113,6 +144,8 @@ def test_replay_of_real_doge_candles(tmp_path, bot_process):
     assert report["candles"] == 6000
     assert report["first_candle_time"] == 1679666400
     assert {r["quality_tier"] for r in report["retrains"] if r["model"] == "primary"} >= {"shallow", "baseline"}
+    assert_scorecard_consistent(report)
+    assert report["strategies"]["symmetric"]["cycles"] > 0  # the grid really trades real candles
 
 
 def test_replay_with_serve_keeps_the_dashboard_up_until_stopped(tmp_path, bot_process):

@@ -141,3 +141,24 @@ def test_runtime_faults_are_retry_later_and_misuse_is_not_masked(tmp_path):
     s.save_state("k", {"still": "works"}, 1.0)  # the other tables are fine
     assert s.load_state("k") == {"still": "works"}
     s.close()
+
+
+def fill_row(order_id: str, ts: float, **overrides) -> dict:
+    row = {
+        "pair": "XDGUSD", "order_id": order_id, "ts": ts, "exchange": "paper", "slot": 0, "leg": "B",
+        "role": "entry", "side": "buy", "price": 0.1, "volume": 200.0, "fee": 0.05,
+        "regime_at_entry": "RANGING", "tier_at_entry": 0, "cycle_net": None,
+    }  # fmt: skip
+    return {**row, **overrides}
+
+
+def test_fills_are_recorded_once_per_order_newest_first(store):
+    store.record_fill(fill_row("g1-0B", 100.0))
+    store.record_fill(fill_row("g2-0B", 200.0, role="exit", side="sell", price=0.101, cycle_net=0.1))
+    store.record_fill(fill_row("g1-0B", 100.0, price=0.5))  # a retried write: no duplicate, no change
+    store.record_fill(fill_row("g9-0A", 300.0, pair="XBTUSD"))
+    rows = store.fills("XDGUSD")
+    assert [r["order_id"] for r in rows] == ["g2-0B", "g1-0B"]
+    assert rows[1]["price"] == 0.1 and rows[1]["cycle_net"] is None
+    assert rows[0]["cycle_net"] == 0.1 and rows[0]["side"] == "sell"
+    assert store.fills("XDGUSD", limit=1)[0]["order_id"] == "g2-0B"

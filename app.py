@@ -1,0 +1,284 @@
+"""The command line and the wiring: one clock, market, store and exchange per mode (SPEC section 1).
+
+``python bot.py`` lands here: :func:`run` parses the flags, loads the settings,
+builds the parts for the mode (:func:`build_app`) and runs the loop until a
+signal, or until a replay's candles run out and its report is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from threadpoolctl import threadpool_limits
+
+import dashboard
+from bot import SIM_DB_DEFAULT, Bot, Runner
+from candles import MarketData, read_candles_csv
+from clock import SimClock, WallClock
+from config import Settings, load_settings
+from errors import BadData, BotError, ConfigError
+from http_api import ActionRouter, ApiContext, ApiServer, StatusBoard
+from kraken_client import KrakenPublicClient
+from market_sim import SimulatedMarket
+from replay import ReplayMarket, replay_report, strategies_report
+from replay_plot import write_plot
+from store import SQLiteStore, Store
+
+log = logging.getLogger("bot")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="bot.py",
+        description="Regime-aware grid bot for Kraken. Without flags: paper trading on live Kraken "
+        "public data, SQLite store, dashboard on http://127.0.0.1:8080.",
+        epilog="Settings come from flags, then the environment, then .env, then defaults "
+        "(see .env.example for every key).",
+    )
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--market",
+        choices=("kraken", "sim"),
+        default="kraken",
+        help="market data source: kraken (live public data, default) or sim "
+        "(offline seeded regime-switching simulator on a simulated clock; its own store, "
+        f"default {SIM_DB_DEFAULT})",
+    )
+    mode.add_argument(
+        "--replay",
+        metavar="FILE.csv",
+        help="run the bot over 1-minute candles (time,open,high,low,close,volume; unix "
+        "seconds) on a simulated clock as fast as possible, write a JSON report, exit; "
+        "uses an in-memory store unless --db is given",
+    )
+    mode.add_argument(
+        "--live", action="store_true", help="real orders on Kraken (not available in this version: paper only)"
+    )
+    p.add_argument("--host", help="address to serve the dashboard/API on (HTTP_HOST, default 127.0.0.1)")
+    p.add_argument("--port", help="port of the dashboard/API (HTTP_PORT, default 8080; 0 = any free port)")
+    p.add_argument("--db", help="SQLite store path (DB_PATH for the kraken market)")
+    p.add_argument("--speed", help="simulated seconds per wall second for --market sim, or 'max' (SIM_SPEED)")
+    p.add_argument("--seed", help="simulator seed (SIM_SEED)")
+    p.add_argument("--report", metavar="PATH", help="replay report path (default: FILE.report.json)")
+    p.add_argument(
+        "--serve",
+        action="store_true",
+        help="serve the dashboard during a replay and keep it up after it ends (until Ctrl-C)",
+    )
+    p.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (LOG_LEVEL)")
+    p.add_argument("--env-file", default=".env", help="settings file to read (default .env)")
+    return p.parse_args(argv)
+
+
+@dataclass
+class App:
+    bot: Bot
+    runner: Runner
+    board: StatusBoard
+    server: ApiServer | None
+    until: Callable[[], bool] | None = None
+    replay: ReplayMarket | None = None
+    cleanup: list[Callable[[], None]] = field(default_factory=list)
+
+
+def build_app(args: argparse.Namespace, settings: Settings, stop_event: threading.Event) -> App:
+    """Choose the clock, market and store for the mode, and wire the bot."""
+    if args.live:
+        raise ConfigError("--live is not available in this version: it has no order execution yet (paper only)")
+    s = settings
+    truth = None
+    replay_market = None
+    interval = s.LOOP_INTERVAL_SEC
+    if args.replay:
+        candles = read_candles_csv(args.replay)
+        store = SQLiteStore(args.db or ":memory:")
+        clock = SimClock(candles[0].time + 60, math.inf, stop_event)
+        replay_market = ReplayMarket(clock, candles)
+        market: MarketData = replay_market
+        mode, interval = "replay", 60.0  # one cycle per candle
+    elif args.market == "sim":
+        store = SQLiteStore(args.db or SIM_DB_DEFAULT)
+        start = _sim_resume_time(store, s)
+        clock = SimClock(start, s.SIM_SPEED, stop_event)
+        sim = SimulatedMarket(clock, seed=s.SIM_SEED, start=s.SIM_START)
+        market, truth, mode = sim, sim.current_truth, "sim"
+    else:
+        store = SQLiteStore(args.db or s.DB_PATH)
+        clock = WallClock(stop_event)
+        market = KrakenPublicClient(
+            s.KRAKEN_API_URL,
+            s.PAIR,
+            now=clock.now,
+            sleep=clock.sleep,
+            timeout=s.KRAKEN_TIMEOUT_SEC,
+            max_retries=s.KRAKEN_MAX_RETRIES,
+        )
+        mode = "paper"
+
+    replaying = bool(args.replay)
+    bot = Bot(
+        s,
+        mode=mode,
+        clock=clock,
+        market=market,
+        store=store,
+        truth=truth,
+        baseline=replaying,  # the symmetric grid to compare with
+        autosave=not replaying,
+    )
+    board = StatusBoard()
+    router = ActionRouter()
+    runner = Runner(bot, board, interval_sec=interval, stop_event=stop_event)
+    for name in ("ai_regime_override", "ai_regime_revert", "ai_regime_dismiss"):
+        router.register(name, runner.action(getattr(bot, name)))
+    server = None
+    if not args.replay or args.serve:
+        ctx = ApiContext(board, router, dashboard.render_page(), s.API_TOKEN, 3 * s.LOOP_INTERVAL_SEC)
+        server = ApiServer(s.HTTP_HOST, s.HTTP_PORT, ctx)
+    until = (lambda: replay_market.finished) if replay_market else None
+    return App(bot, runner, board, server, until, replay_market, [store.close])
+
+
+def _sim_resume_time(store: Store, s: Settings) -> float:
+    """A simulation continues where its snapshot left off; the seed must match the store's."""
+    meta_key = "sim"
+    meta = store.load_state(meta_key)
+    if meta is None:
+        store.save_state(meta_key, {"seed": s.SIM_SEED, "start": s.SIM_START}, s.SIM_START)
+    elif (meta.get("seed"), meta.get("start")) != (s.SIM_SEED, s.SIM_START):
+        raise ConfigError(
+            f"this store holds a simulation with SIM_SEED={meta.get('seed')} and SIM_START={meta.get('start')}; "
+            f"use another --db for SIM_SEED={s.SIM_SEED} / SIM_START={s.SIM_START}"
+        )
+    snap = store.load_state(f"snapshot:{s.PAIR}")
+    saved = snap.get("saved_at") if snap else None
+    return float(saved) if isinstance(saved, (int, float)) and saved > s.SIM_START else float(s.SIM_START)
+
+
+def run(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    overrides = {
+        "HTTP_HOST": args.host,
+        "HTTP_PORT": args.port,
+        "SIM_SPEED": args.speed,
+        "SIM_SEED": args.seed,
+        "LOG_LEVEL": args.log_level,
+    }
+    if args.db and not args.replay and args.market == "kraken":
+        overrides["DB_PATH"] = args.db
+    try:
+        settings = load_settings(overrides, env_file=args.env_file)
+    except ConfigError as exc:
+        print(f"bot.py: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.LOG_LEVEL, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", stream=sys.stderr
+    )
+    logging.getLogger("hmmlearn").setLevel(logging.ERROR)
+
+    # The HTTP threads wait for the GIL while the loop computes: a shorter switch
+    # interval, and no BLAS/OpenMP worker threads (the matrices are tiny) competing
+    # for a small VPS's cores, keep /api/status fast while the loop is busy.
+    sys.setswitchinterval(0.001)
+    threadpool_limits(1)
+    stop_event = threading.Event()
+    try:
+        app = build_app(args, settings, stop_event)
+    except (ConfigError, BadData) as exc:
+        print(f"bot.py: {exc}", file=sys.stderr)
+        return 2
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        log.info("%s received: stopping", signal.Signals(signum).name)
+        stop_event.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        app.bot.start()
+        app.runner.publish()  # the API answers with the restored state from its first request
+        if app.server:
+            port = app.server.start()
+            log.info(
+                "dashboard on http://%s:%d/ (mode %s, pair %s)", settings.HTTP_HOST, port, app.bot.mode, settings.PAIR
+            )
+        wall_started = time.perf_counter()
+        app.runner.run(app.until)
+        wall_sec = time.perf_counter() - wall_started
+        app.bot.shutdown()
+        if app.replay:
+            _finish_replay(app, args, wall_sec)
+            if app.server and not stop_event.is_set():
+                log.info("serving the dashboard until Ctrl-C")
+                stop_event.wait()
+    except BotError as exc:
+        print(f"bot.py: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if app.server:
+            app.server.stop()
+        for close in app.cleanup:
+            close()
+    log.info("stopped cleanly")
+    return 0
+
+
+def _finish_replay(app: App, args: argparse.Namespace, wall_sec: float) -> None:
+    """Write the replay report, and the equity plot beside it."""
+    bot, market = app.bot, app.replay
+    assert market is not None and bot.baseline is not None
+    series = bot.stats.series
+    strategies, plot = None, None
+    if series.get("price"):
+        price = series["price"][-1]
+        strategies, plot = strategies_report(
+            series,
+            regime_aware=bot.grid.summary(price),
+            symmetric=bot.baseline.summary(price),
+            fee_pct=bot.grid.config.rules.maker_fee_pct,
+            span_sec=market.end_time - market.start_time,
+        )
+    stats = {k: v for k, v in bot.stats.__dict__.items() if k != "series"}
+    report = replay_report(
+        source=args.replay,
+        market=market,
+        stats=stats,
+        final_status=app.board.status() or bot.status(),
+        wall_sec=wall_sec,
+        strategies=strategies,
+    )
+    path = Path(args.report or f"{args.replay}.report.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    report["prices"] = {"first": series["price"][0], "last": series["price"][-1]} if series.get("price") else None
+    report["plot"] = None
+    if plot is not None:
+        try:
+            report["plot"] = str(write_plot(path.with_suffix(".html"), {**plot, "title": f"Replay of {args.replay}"}))
+        except (ValueError, OSError) as exc:  # the report matters more than its picture
+            log.error("the equity plot could not be written: %s", exc)
+    _write_json_atomically(path, report)
+    log.info("replay of %d candles done in %.1fs; report written to %s", report["candles"], wall_sec, path)
+    for name, figures in (strategies or {}).items():
+        log.info(
+            "%-12s net %+.2f USD, max drawdown %.2f%%, %d cycles, fees %.2f USD",
+            name, figures["net_pnl_usd"], figures["max_drawdown_pct"], figures["cycles"], figures["fees_usd"],
+        )  # fmt: skip
+
+
+def _write_json_atomically(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
