@@ -27,14 +27,18 @@ import dashboard
 from bot import SIM_DB_DEFAULT, Bot, Runner
 from candles import MarketData, read_candles_csv
 from clock import SimClock, WallClock
-from config import Settings, load_settings
-from errors import BadData, BotError, ConfigError
+from config import Settings, live_problems, load_settings
+from errors import BadData, BotError, ConfigError, RetryLater
+from grid_runner import GridRunner, grid_config, runner_settings
 from http_api import ActionRouter, ApiContext, ApiServer, StatusBoard
 from kraken_client import KrakenPublicClient
+from kraken_exchange import KrakenExchange
+from kraken_private import KrakenPrivateClient, NonceSource
 from market_sim import SimulatedMarket
 from replay import ReplayMarket, replay_report, strategies_report
 from replay_plot import write_plot
 from store import SQLiteStore, Store
+from trades_backfill import TradesBackfill
 
 log = logging.getLogger("bot")
 
@@ -64,7 +68,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "uses an in-memory store unless --db is given",
     )
     mode.add_argument(
-        "--live", action="store_true", help="real orders on Kraken (not available in this version: paper only)"
+        "--live",
+        action="store_true",
+        help="real orders on Kraken's live market (needs KRAKEN_API_KEY, KRAKEN_API_SECRET and "
+        "LIVE_TRADING_CONFIRM=real-money)",
     )
     p.add_argument("--host", help="address to serve the dashboard/API on (HTTP_HOST, default 127.0.0.1)")
     p.add_argument("--port", help="port of the dashboard/API (HTTP_PORT, default 8080; 0 = any free port)")
@@ -95,11 +102,13 @@ class App:
 
 def build_app(args: argparse.Namespace, settings: Settings, stop_event: threading.Event) -> App:
     """Choose the clock, market and store for the mode, and wire the bot."""
-    if args.live:
-        raise ConfigError("--live is not available in this version: it has no order execution yet (paper only)")
     s = settings
+    if args.live and live_problems(s):
+        raise ConfigError("; ".join(live_problems(s)))
     truth = None
     replay_market = None
+    backfill = None  # only Kraken serves trades
+    grid = None  # the paper grid unless live
     interval = s.LOOP_INTERVAL_SEC
     if args.replay:
         candles = read_candles_csv(args.replay)
@@ -125,7 +134,22 @@ def build_app(args: argparse.Namespace, settings: Settings, stop_event: threadin
             timeout=s.KRAKEN_TIMEOUT_SEC,
             max_retries=s.KRAKEN_MAX_RETRIES,
         )
-        mode = "paper"
+        mode = "live" if args.live else "paper"
+        if args.live:
+            grid = _live_grid(s, clock, store)
+        backfill = TradesBackfill(
+            # Its own client: a requests.Session is not shared between threads.
+            KrakenPublicClient(
+                s.KRAKEN_API_URL, s.PAIR, now=clock.now, sleep=clock.sleep, timeout=s.KRAKEN_TIMEOUT_SEC
+            ),
+            store,
+            s.PAIR,
+            clock=clock,
+            target_1m=s.HMM_TRAINING_CANDLES,
+            target_15m=s.HMM_SECONDARY_TRAINING_CANDLES if s.HMM_SECONDARY_ENABLED else 0,
+            enabled=s.TRADES_BACKFILL_ENABLED,
+            min_interval_sec=s.TRADES_BACKFILL_MIN_INTERVAL_SEC,
+        )
 
     replaying = bool(args.replay)
     bot = Bot(
@@ -136,6 +160,8 @@ def build_app(args: argparse.Namespace, settings: Settings, stop_event: threadin
         store=store,
         truth=truth,
         baseline=replaying,  # the symmetric grid to compare with
+        backfill=backfill,
+        grid=grid,
         autosave=not replaying,
     )
     board = StatusBoard()
@@ -149,6 +175,32 @@ def build_app(args: argparse.Namespace, settings: Settings, stop_event: threadin
         server = ApiServer(s.HTTP_HOST, s.HTTP_PORT, ctx)
     until = (lambda: replay_market.finished) if replay_market else None
     return App(bot, runner, board, server, until, replay_market, [store.close])
+
+
+def _live_grid(s: Settings, clock: WallClock, store: Store) -> GridRunner:
+    """The grid on Kraken's private API. It reads the pair's rules and the balance now: a bad key stops the start."""
+    client = KrakenPrivateClient(
+        s.KRAKEN_API_URL,
+        s.KRAKEN_API_KEY,
+        s.KRAKEN_API_SECRET,
+        nonce=NonceSource(s.KRAKEN_NONCE_PATH),
+        sleep=clock.sleep,
+        timeout=s.KRAKEN_TIMEOUT_SEC,
+        max_retries=s.KRAKEN_MAX_RETRIES,
+    )
+    try:
+        exchange = KrakenExchange(client, s.PAIR, id_prefix=s.KRAKEN_ORDER_PREFIX)
+        exchange.balances()  # proves the key works before the loop starts
+    except (RetryLater, BadData) as exc:
+        raise ConfigError(f"--live: Kraken is not usable: {exc}") from exc
+    log.warning("LIVE trading on Kraken: real orders for %s", s.PAIR)
+    return GridRunner(
+        grid_config(s, exchange.rules, id_prefix=s.KRAKEN_ORDER_PREFIX),
+        lambda price: exchange,
+        settings=runner_settings(s),
+        kind="live",
+        record_fill=store.record_fill,
+    )
 
 
 def _sim_resume_time(store: Store, s: Settings) -> float:

@@ -271,12 +271,22 @@ def bench_replay(results: dict) -> None:
         "tier_changes": report["tier_changes"],
         "tier_changes_per_day": report["tier_changes_per_day"],
     }
-    line(f"{report['candles']} candles, whole process", f"{wall:.1f} s", "(target: < 60 s)")
+    results["replay"]["strategies"] = {
+        name: {k: s[k] for k in ("net_pnl_usd", "max_drawdown_pct", "cycles", "fees_usd", "end_inventory")}
+        for name, s in report["strategies"].items()
+    }
+    line(f"{report['candles']} candles, both grids, whole process", f"{wall:.1f} s", "(target: < 90 s)")
     line("  of which the loop (report wall_sec)", f"{report['wall_sec']:.1f} s")
     line(f"  of which {len(report['retrains'])} retrains", f"{results['replay']['retrain_sec']:.1f} s")
     line("  primary quality tiers over the run", " > ".join(dict.fromkeys(r["quality_tier"] for r in primary)))
     line("  time share per mechanical tier 0/1/2", " / ".join(f"{v:.1%}" for v in report["tier_share"].values()))
     line("  tier changes (per day)", f"{report['tier_changes']} ({report['tier_changes_per_day']}/day)")
+    for name, st in report["strategies"].items():
+        line(
+            f"  {name}: net P&L, max drawdown",
+            f"{st['net_pnl_usd']:+.2f} USD, {st['max_drawdown_pct']:.2f} %",
+            f"({st['cycles']} cycles, fees {st['fees_usd']:.2f} USD)",
+        )
 
 
 def bench_memory(results: dict, seconds: float) -> None:

@@ -137,9 +137,10 @@ class Bot:
         self._saved_snapshot: dict[str, Any] | None = None
         self._save_lock = threading.Lock()  # the loop's snapshot vs an operator action's
         self.advisor = RegimeAdvisor(s, store=store, record_error=self.record_error, panel=panel)
-        self.grid = grid or paper_grid(s, record_fill=store.record_fill, record_error=self.record_error)
+        self.grid = grid or paper_grid(s, id_prefix=s.KRAKEN_ORDER_PREFIX, record_fill=store.record_fill)
+        self.grid.record_error = self.record_error
         # A replay also runs an always-symmetric grid on the same candles, as the baseline to beat.
-        self.baseline = paper_grid(s, id_prefix="s") if baseline else None
+        self.baseline = paper_grid(s, id_prefix="base") if baseline else None
         self.backfill = backfill  # trades_backfill.TradesBackfill, or None where the market has no trades
         self.autosave = autosave
 
@@ -152,8 +153,6 @@ class Bot:
         if snap:
             self._restore(snap)
         self.advisor.start()
-        if self.backfill is not None:
-            self.backfill.start()
 
     def shutdown(self) -> None:
         if self.backfill is not None:
@@ -192,6 +191,8 @@ class Bot:
                     self.pipeline.recount(interval)
         before = self.pipeline.available(1)
         self.pipeline.sync_due_feeds(now)
+        if self.backfill is not None and self.cycles == 0:
+            self.backfill.start()  # after the first sync: it fills what lies before Kraken's window
         self.stats.candles_processed += max(0, self.pipeline.available(1) - before)
         self.pipeline.prune_if_due(now)
 

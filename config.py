@@ -169,8 +169,8 @@ class Settings:
     KRAKEN_API_SECRET: str = _setting("", "Kraken API secret, base64 (--live only)", secret=True)
     LIVE_TRADING_CONFIRM: str = _setting("", f"Must be '{LIVE_CONFIRMATION}' for --live to start")
     KRAKEN_NONCE_PATH: str = _setting("data/kraken.nonce", "File keeping the last private API nonce across restarts")
-    KRAKEN_USERREF: int = _setting(
-        7_300_001, "Tag (userref) on this bot's Kraken orders; other orders are left alone", lo=1, hi=2**31 - 1
+    KRAKEN_ORDER_PREFIX: str = _setting(
+        "g", "Prefix of this bot's client order ids (cl_ord_id); orders without it are left alone"
     )
     # --- deep warm-up -------------------------------------------------------------
     TRADES_BACKFILL_ENABLED: bool = _setting(True, "Backfill training candles from Kraken's public trades")
@@ -380,6 +380,10 @@ def _cross_checks(s: Settings) -> list[str]:
         not s.AI_REGIME_ADVISOR_ENABLED or bool(s.GROQ_API_KEY or s.NVIDIA_API_KEY or s.AI_BASE_URL),
         "AI_REGIME_ADVISOR_ENABLED=true needs a panelist: set GROQ_API_KEY, NVIDIA_API_KEY, "
         "or AI_BASE_URL and AI_MODEL",
+    )
+    need(
+        s.KRAKEN_ORDER_PREFIX.isalpha() and s.KRAKEN_ORDER_PREFIX.isascii() and len(s.KRAKEN_ORDER_PREFIX) <= 4,
+        f"KRAKEN_ORDER_PREFIX={s.KRAKEN_ORDER_PREFIX!r} is invalid: expected 1 to 4 ASCII letters",
     )
     need(
         s.GRID_EXIT_PCT > 2 * s.GRID_MAKER_FEE_PCT,

@@ -108,7 +108,7 @@ class GridRunner:
         self.equity = EquityTrack()
         self.last_candle_time: int | None = None
         self._record_fill = record_fill
-        self._record_error = record_error or (lambda source, message, now: None)
+        self.record_error = record_error or (lambda source, message, now: None)
         self._price: float | None = None
         self._adoptable: dict[str, OpenOrder] = {}
         self._last_reconcile_at: float | None = None
@@ -131,7 +131,7 @@ class GridRunner:
                 self.reconcile(now)
             balances = self.exchange.balances()
         except (RetryLater, BadData) as exc:
-            self._record_error(f"grid {self.kind}", str(exc), now)
+            self.record_error(f"grid {self.kind}", str(exc), now)
             log.warning("grid step skipped: %s", exc)
             return
         for c in fresh:
@@ -174,7 +174,7 @@ class GridRunner:
                 partial = self.exchange.cancel(action.order_id, now)
             except (RetryLater, BadData) as exc:
                 # Unknown outcome: the reconciliation finds the order (open, filled or gone) later.
-                self._record_error(f"grid {self.kind}", f"cancel {action.order_id}: {exc}", now)
+                self.record_error(f"grid {self.kind}", f"cancel {action.order_id}: {exc}", now)
                 return []
             events: list[Event] = [Filled(partial, self._price or partial.price)] if partial else []
             return [*events, Gone(action.order_id, now)]
@@ -210,7 +210,7 @@ class GridRunner:
         try:
             self._record_fill(row)
         except RetryLater as exc:  # the fill is in the state and the snapshot; only the audit row is lost
-            self._record_error("store", str(exc), fill.ts)
+            self.record_error("store", str(exc), fill.ts)
 
     # reconciliation -----------------------------------------------------------------
 
@@ -220,6 +220,11 @@ class GridRunner:
         self._last_reconcile_at = now
         on_exchange = self.exchange.open_orders()
         mine = self.state.orders
+        # First what the exchange holds that the grid does not: a fill found below may make the
+        # grid place one of these very orders again, and it must be adopted, not sent twice.
+        for oid, order in on_exchange.items():
+            if oid not in mine:
+                self._adoptable[oid] = order
         missing = [oid for oid, o in mine.items() if o.open and oid not in on_exchange]
         lookup = getattr(self.exchange, "lookup", None)
         found = lookup(missing) if (missing and lookup) else {}
@@ -234,7 +239,11 @@ class GridRunner:
         for oid, order in on_exchange.items():
             known = mine.get(oid)
             if known is None:
-                self._adoptable[oid] = order
+                continue
+            if known.cancelling:
+                # Its cancel failed (retry later) and nothing else would send it again: send it now.
+                for event in self._execute(Cancel(oid, "cancel retried"), now):
+                    self._apply(event, now)
             elif not known.open:
                 self._apply(Placed(oid, order.price, order.volume), now)
 
@@ -246,7 +255,7 @@ class GridRunner:
             try:
                 partial = self.exchange.cancel(oid, now)
             except (RetryLater, BadData) as exc:
-                self._record_error(f"grid {self.kind}", f"cancel {oid}: {exc}", now)
+                self.record_error(f"grid {self.kind}", f"cancel {oid}: {exc}", now)
                 continue
             state = self.state
             assert state is not None
@@ -311,6 +320,7 @@ class GridRunner:
             "pair": rules.pair,
             "base_asset": rules.base_asset,
             "quote_asset": rules.quote_asset,
+            "price_decimals": rules.price_decimals,
             "posture": {
                 "tier": p.tier,
                 "direction": p.direction,

@@ -19,6 +19,10 @@ no trading decisions.
   ``OrderRejected("post_only")`` when it was cancelled at once, as the paper
   exchange does; an order that disappears later is logged and dropped by
   ``poll_fills``.
+- :meth:`KrakenExchange.lookup` answers reconciliation as the paper exchange
+  does (a Fill owed by each order that left the book unobserved, else
+  ``None``); :meth:`KrakenExchange.order_statuses` gives Kraken's full word on
+  each order.
 - ``poll_fills`` asks QueryOrders about the orders this instance tracks (placed
   here or :meth:`KrakenExchange.adopt`-ed at reconciliation) and reports each
   order once, when it has finished: closed -> a Fill of the whole order;
@@ -271,12 +275,30 @@ class KrakenExchange:
         """The orders this instance reports fills for (placed or adopted, not yet finished)."""
         return dict(self._open)
 
-    def lookup(self, client_ids: Iterable[str]) -> dict[str, OrderStatus]:
+    def lookup(self, client_ids: Iterable[str]) -> dict[str, Fill | None]:
+        """For orders that left the book unobserved: the Fill each owes, else ``None``.
+
+        The contract of :meth:`paper_exchange.PaperExchange.lookup` that
+        :meth:`grid_runner.GridRunner.reconcile` relies on: a closed order owes
+        a Fill of all of it, one cancelled or expired after executing part a
+        Fill of that part; an order cancelled without executing, unknown to
+        Kraken or still open (not missing after all) owes nothing. A Fill
+        returned here settles the order, so ``poll_fills`` and ``cancel`` never
+        report it again, and one already reported is not returned again.
+        """
+        owed: dict[str, Fill | None] = {}
+        for cid, status in self.order_statuses(client_ids).items():
+            finished = status.status in (CLOSED, CANCELED)
+            repeated = cid not in self._open and self._finished.get(cid) == status.txid
+            fallback_ts = status.opened_at if status.opened_at is not None else 0.0
+            owed[cid] = self._settle(status, fallback_ts) if finished and not repeated else None
+        return owed
+
+    def order_statuses(self, client_ids: Iterable[str]) -> dict[str, OrderStatus]:
         """Kraken's current word on each client id: open, closed, canceled or unknown, with amounts."""
         wanted = list(dict.fromkeys(client_ids))
         found: dict[str, OrderStatus] = {}
-        open_now = self.client.open_orders()
-        for txid, info in open_now.items():
+        for txid, info in self.client.open_orders().items():
             cid = info.get("cl_ord_id")
             if cid in wanted:
                 found[cid] = order_status(cid, txid, info)

@@ -274,7 +274,7 @@ def test_context_carries_every_field_the_spec_lists(tmp_path):
     try:
         run_ticks(bot, 5)
         status = bot.status()
-        context = build_regime_context(status)
+        context = build_regime_context(status, bot.grid.operational(status["now"]))
         # What the main loop hands the worker (captured now, formatted later) says the same.
         assert bot._advisor_context()() == context
     finally:
@@ -302,10 +302,16 @@ def test_context_carries_every_field_the_spec_lists(tmp_path):
     assert len(context["regime_history_30m"]) == len(status["regime_history_30m"]) > 0
     mech = status["regime_tier"]["mechanical"]
     assert context["mechanical_tier"]["tier"] == mech["tier"] and context["mechanical_tier"]["since"] == mech["since"]
-    # No grid engine yet: the operational signals are unknown, not made up.
-    assert context["operational"] == OPERATIONAL_UNAVAILABLE and context["operational"]["available"] is False
-    signals = {"trend": "bullish", "fills_last_hour": 3}
-    assert build_regime_context(status, signals)["operational"] == signals
+    # The grid's operational signals, as SPEC section 6 lists them.
+    op = context["operational"]
+    assert op["available"] is True
+    assert op["trend"]["state"] in ("bullish", "bearish", "neutral") and "since" in op["trend"]
+    assert op["fills_last_hour"] >= 0 and op["recovery_orders"] >= 0
+    assert op["capacity_band"] == status["grid"]["capacity"]["band"] == status["regime_tier"]["capacity_band"]
+    assert op["capacity_headroom"] == status["grid"]["capacity"]["headroom"]
+    assert set(op["kelly"]) >= {"RANGING", "BULLISH", "BEARISH"}
+    # Before the grid has run, they are unknown, not made up.
+    assert build_regime_context(status)["operational"] == OPERATIONAL_UNAVAILABLE
     json.dumps(context, allow_nan=False)
 
 

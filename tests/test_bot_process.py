@@ -111,12 +111,6 @@ def test_typo_in_dotenv_is_refused(tmp_path, bot_process):
     assert "REGIME_MIN_DWEL_SEC in .env is not a setting (did you mean REGIME_MIN_DWELL_SEC?)" in p.output
 
 
-def test_live_mode_is_refused_in_this_version(tmp_path, bot_process):
-    p = bot_process(["--live", "--port", "0", "--db", str(tmp_path / "live.sqlite3")])
-    assert p.proc.wait(30) == 2
-    assert "--live is not available in this version" in p.output
-
-
 def test_a_different_seed_cannot_reuse_a_simulation_store(tmp_path, bot_process):
     first = bot_process(sim_args(tmp_path))
     first.wait_ready()
@@ -155,7 +149,7 @@ def test_help_documents_every_flag(tmp_path, bot_process):
         "--env-file",
     ):
         assert flag in p.output
-    source = (ROOT / "bot.py").read_text()
+    source = (ROOT / "app.py").read_text()
     assert set(re.findall(r'add_argument\("(--[a-z-]+)"', source)) <= set(re.findall(r"--[a-z-]+", p.output))
 
 
@@ -189,4 +183,39 @@ def test_paper_mode_runs_on_kraken_public_data_through_kraken_api_url(tmp_path, 
         ohlc = [r for r in fake.requests if r["path"] == "/0/public/OHLC"]
         assert {r["params"]["pair"] for r in ohlc} == {"XDGUSD"}
         assert {r["params"]["interval"] for r in ohlc} == {"1", "15"}
+        grid = st["grid"]
+        assert grid["exchange"] == "paper" and grid["balances"]["equity_quote"] == pytest.approx(1000.0, rel=0.01)
+        assert st["trades_backfill"]["enabled"] is True  # the fake has no trades to page: it finds none
+        assert p.terminate() == 0
+
+
+def test_a_fresh_paper_bot_reaches_full_depth_from_trades_in_seconds(tmp_path, bot_process):
+    """Deep warm-up: Kraken's OHLC window is 720 candles; the trades before it fill the rest."""
+    import time
+
+    from fake_kraken import FakeKraken
+    from test_trades_backfill import make_trades
+
+    from candles import Candle
+    from trades_backfill import aggregate_trades
+
+    now = time.time()
+    trades = make_trades(41, now - 4300 * 60, now, mean_gap=20.0)
+    closed = aggregate_trades(trades, 1, end=now).closed
+    forming = Candle(int(now // 60 * 60), closed[-1].close, closed[-1].close, closed[-1].close, closed[-1].close, 0)
+    with FakeKraken([*closed, forming], now=time.time) as fake:
+        fake.set_trades(trades)
+        env = {
+            "KRAKEN_API_URL": fake.url,
+            "HMM_SECONDARY_ENABLED": "false",
+            "TRADES_BACKFILL_MIN_INTERVAL_SEC": "0.2",
+            "LOOP_INTERVAL_SEC": "1",
+        }
+        p = bot_process(["--port", "0", "--db", str(tmp_path / "warm.sqlite3"), "--log-level", "INFO"], env=env)
+        p.wait_ready()
+        st = p.wait_status(lambda s: s["hmm"]["primary"]["training_depth"]["quality_tier"] == "full", timeout=90)
+        assert st["trades_backfill"]["state"] == "done" and st["trades_backfill"]["pct"] == 100
+        assert st["hmm_data_pipeline"]["1m"]["rows_available"] >= 4000
+        pages = [r for r in fake.requests if r["path"] == "/0/public/Trades"]
+        assert len(pages) == st["trades_backfill"]["requests"] >= 5
         assert p.terminate() == 0

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from decimal import ROUND_DOWN, Decimal
+from itertools import pairwise
 
 import numpy as np
 import pytest
@@ -24,9 +26,9 @@ from grid_engine import (
     SHORT_BIAS,
     Cancel,
     Filled,
+    Gone,
     GridConfig,
     GridState,
-    Gone,
     Order,
     Place,
     Placed,
@@ -346,8 +348,8 @@ def test_tier1_skew_grows_with_strength(direction, with_leg, against_leg):
     with_trend = [entry_distance_pct(CONFIG, Posture(1, direction, s), 1, with_leg) for s in strengths]
     against = [entry_distance_pct(CONFIG, Posture(1, direction, s), 1, against_leg) for s in strengths]
     assert with_trend[0] == against[0] == 2.0
-    assert all(a > b for a, b in zip(with_trend, with_trend[1:], strict=False))
-    assert all(a < b for a, b in zip(against, against[1:], strict=False))
+    assert all(a > b for a, b in pairwise(with_trend))
+    assert all(a < b for a, b in pairwise(against))
 
 
 def test_tier1_never_moves_the_with_trend_entry_closer_than_its_floor_share():
@@ -524,6 +526,14 @@ def test_an_unfundable_buy_entry_is_skipped_with_one_note_while_it_lasts():
     assert state.skipped == {"unfunded": 4}
 
 
+def test_a_buy_entry_must_be_funded_including_its_fee():
+    config = GridConfig(slots=1, entry_pct=1.0, order_quote=99.0)  # buys 100 @ 0.99: 99 + 0.2475 fee
+    state = started(config=config, balances=Balances(quote=99.2, base=1000.0))
+    assert state.legs["0B"] is None and notes(state, "unfunded")
+    state = started(config=config, balances=Balances(quote=99.2475, base=1000.0))
+    assert held_by(state, "0B").side == BUY and state.skipped == {}
+
+
 def test_an_unfundable_sell_entry_counts_the_base_that_open_orders_reserve():
     poor = Balances(quote=10_000.0, base=150.0)  # slot 0's sell takes 98.02 of it
     state = started(balances=poor)
@@ -551,16 +561,14 @@ def test_the_exposure_cap_skips_entries_beyond_it():
 
 
 def test_the_exposure_cap_counts_positions_waiting_for_their_exits():
-    config = GridConfig(slots=1, entry_pct=1.0, exit_pct=2.0, order_quote=99.0, max_exposure_quote=200.0)
-    state = started(config=config)
-    state, _ = fill(state, held_by(state, "0B"), T0 + 30)  # now: A entry 99 + B position 99
-    state, _ = fill(state, held_by(state, "0A"), T0 + 40)
-    state, _ = step(state, T0 + 60, config=config)
-    assert state.skipped == {}
-    config_tight = GridConfig(slots=2, entry_pct=1.0, exit_pct=2.0, order_quote=99.0, max_exposure_quote=200.0)
-    state = from_dict(to_dict(state), config_tight)
-    state, actions = step(state, T0 + 120, config=config_tight)
+    state, _ = entry_filled("0B")
+    state, _ = fill(state, held_by(state, "0A"), T0 + 70)  # two positions of 99 USD wait for their exits
+    for key in ("1A", "1B"):
+        state, _ = reduce(state, Gone(state.legs[key], T0 + 80), CONFIG)
+    capped = replace(CONFIG, max_exposure_quote=250.0)
+    state, actions = tick(state, T0 + 120, config=capped)
     assert actions == [] and state.skipped == {"exposure_cap": 2}
+    assert "exposure would be 297.00" in notes(state, "exposure_cap")[0]["message"]
 
 
 def test_max_open_orders_skips_entries_as_capacity():

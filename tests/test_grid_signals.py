@@ -189,9 +189,8 @@ def test_operational_signals_report_fills_recovery_capacity_and_kelly():
     assert kelly_by_regime["RANGING"]["kelly_fraction"] == 1.0
     assert kelly_by_regime["BEARISH"] is None and kelly_by_regime["CHOPPY"] is None  # 0 and 1 samples
     assert kelly_by_regime["BULLISH"] is None  # one stranded loss: 1 sample
-    assert operational_signals(state, config, trend, now, kelly_min_samples=1)["kelly"]["BULLISH"][
-        "kelly_fraction"
-    ] == -1.0  # fmt: skip
+    one_sample = operational_signals(state, config, trend, now, kelly_min_samples=1)["kelly"]
+    assert one_sample["BULLISH"]["kelly_fraction"] == -1.0  # the stranded order is its only sample
 
 
 @pytest.mark.parametrize("orders, band, headroom", [(0, "normal", 10), (7, "caution", 3), (9, "stop", 1)])

@@ -13,6 +13,7 @@ import base64
 import hashlib
 import hmac
 import logging
+import math
 import random
 import threading
 from collections.abc import Iterator
@@ -28,6 +29,8 @@ from candles import Candle
 from clock import SimClock
 from errors import BadData, ConfigError, RetryLater
 from exchange import BUY, SELL, Balances, Fill, OrderRejected, OrderRequest, PairRules
+from grid_engine import GridConfig, Posture, to_dict
+from grid_runner import GridRunner, RunnerSettings
 from kraken_exchange import KrakenExchange, OrderStatus, fill_of, format_amount, order_status
 from kraken_private import (
     InvalidNonce,
@@ -42,7 +45,7 @@ from kraken_private import (
     valid_cl_ord_id,
 )
 from market_sim import generate
-from paper_exchange import PaperExchange
+from paper_exchange import PaperExchange, paper_exchange_factory
 
 START = 1_767_225_600
 CANDLES, _ = generate(240, seed=11)
@@ -700,7 +703,7 @@ def test_restart_adopts_open_orders_and_reports_their_fills(
     assert list(restarted.tracked()) == ["g1", "g2"]
     show(fake, clock, CANDLES[1])
     assert [f.client_id for f in restarted.poll_fills(clock.now(), None)] == ["g1"]
-    statuses = restarted.lookup(["g1", "g2", "g3", "g9"])
+    statuses = restarted.order_statuses(["g1", "g2", "g3", "g9"])
     assert {cid: s.status for cid, s in statuses.items()} == {
         "g1": "closed",
         "g2": "open",
@@ -709,6 +712,30 @@ def test_restart_adopts_open_orders_and_reports_their_fills(
     }
     assert (statuses["g1"].vol_exec, statuses["g1"].avg_price) == (100.0, FILLS_AT_1)
     assert statuses["g3"].reason == "User requested"
+    assert restarted.lookup(["g1", "g3", "g9"]) == {"g1": None, "g3": None, "g9": None}  # g1: reported already
+
+
+def test_lookup_reports_the_fills_an_outage_missed_once(
+    kraken: KrakenExchange, client: KrakenPrivateClient, fake: FakeKrakenPrivate, clock: SimClock
+) -> None:
+    t1 = kraken.place(buy("g1", FILLS_AT_1), clock.now())
+    t2 = kraken.place(buy("g2", 0.0700, 300.0), clock.now())
+    kraken.place(buy("g3", 0.0701), clock.now())
+    # While the bot is away: g1 fills, g2 executes in part and is cancelled, g3 is cancelled.
+    show(fake, clock, CANDLES[1])
+    fake.partial_fill("g2", 80.0)
+    client.cancel_order(t2)
+    client.cancel_order(cl_ord_id="g3")
+    restarted = KrakenExchange(client, "XDGUSD", id_prefix="g")  # knows none of them
+    owed = restarted.lookup(["g1", "g2", "g3", "g4"])
+    assert owed["g1"] == Fill("g1", t1, BUY, FILLS_AT_1, 100.0, RULES.fee(FILLS_AT_1, 100.0), CANDLES[1].time + 60)
+    assert owed["g2"] is not None and (owed["g2"].txid, owed["g2"].volume, owed["g2"].price) == (t2, 80.0, 0.07)
+    assert (owed["g3"], owed["g4"]) == (None, None)
+    assert restarted.lookup(["g1", "g2"]) == {"g1": None, "g2": None}  # never twice
+    # The instance that placed them reports each once too, whichever way it learns first.
+    assert kraken.lookup(["g1"])["g1"] == owed["g1"]
+    assert [f.client_id for f in kraken.poll_fills(clock.now(), None)] == ["g2"]
+    assert kraken.poll_fills(clock.now(), None) == []
 
 
 def test_order_status_and_fill_of_are_pure() -> None:
@@ -744,3 +771,48 @@ def test_order_status_and_fill_of_are_pure() -> None:
     assert fill_of(replace(status, status="open"), now=99.0) is None
     with pytest.raises(BadData):
         order_status("g1", "O1", {**info, "vol": "lots"})
+
+
+# The grid at work on Kraken ------------------------------------------------------------------------
+
+
+def walk(seed: int, n: int, start: float = 0.1) -> list[Candle]:
+    rng = random.Random(seed)
+    out, price = [], start
+    for i in range(n):
+        close = price * math.exp(rng.gauss(0.0, 0.004))
+        high = max(price, close) * (1 + abs(rng.gauss(0.0, 0.002)))
+        low = min(price, close) * (1 - abs(rng.gauss(0.0, 0.002)))
+        out.append(Candle(START + 60 * i, price, high, low, close, 1000.0))
+        price = close
+    return out
+
+
+def test_a_grid_runner_on_kraken_keeps_the_books_of_one_on_paper(
+    client: KrakenPrivateClient, clock: SimClock, tmp_path: Path
+) -> None:
+    config = GridConfig(rules=RULES, slots=3, entry_pct=0.5, slot_step_pct=0.5, exit_pct=0.8, order_quote=20.0)
+    settings = RunnerSettings(trend_fast=3, trend_slow=6, kelly_min_samples=2, reconcile_every_sec=300)
+    candles = walk(23, 150)
+    paper = paper_exchange_factory(RULES, start_quote=1000.0, base_share=0.5)(candles[0].close)
+    on_paper = GridRunner(config, lambda price: paper, settings=settings)
+    funds = paper.balances()
+    with FakeKrakenPrivate([], now=clock.now, rules=RULES, quote=funds.quote, base=funds.base) as fake:
+        session = requests.Session()
+        live = KrakenPrivateClient(
+            fake.url, API_KEY, API_SECRET, nonce=NonceSource(tmp_path / "grid.nonce", time_fn=clock.now),
+            sleep=clock.sleep, session=session,
+        )  # fmt: skip
+        on_kraken = GridRunner(
+            config, lambda price: KrakenExchange(live, id_prefix="g"), settings=settings, kind="live"
+        )
+        for c in candles:
+            clock.advance(c.time + 60 - clock.now())
+            fake.on_candle(c)
+            for runner in (on_paper, on_kraken):
+                runner.step(c.time + 60, [c], c.close, "RANGING", Posture())
+            assert to_dict(on_kraken.state) == to_dict(on_paper.state)
+            assert on_kraken.exchange.balances() == paper.balances()
+        session.close()
+    assert on_paper.state.cycles >= 10
+    assert set(fake.open_cl_ord_ids()) == set(paper.open_orders())
