@@ -462,12 +462,14 @@ def _entry_problem(d: _Draft, config: GridConfig, side: str, price: float, volum
     size = rules.size_problem(price, volume)
     if size:
         return "minimum", size
-    if len(d.orders) >= config.max_open_orders:
-        return "capacity", f"{len(d.orders)} open orders, the maximum is {config.max_open_orders}"
-    at_stake = exposure_quote(d.orders)
+    # Orders being cancelled are gone by the time this one is placed (the Cancel goes first).
+    orders = {k: o for k, o in d.orders.items() if not o.cancelling}
+    if len(orders) >= config.max_open_orders:
+        return "capacity", f"{len(orders)} open orders, the maximum is {config.max_open_orders}"
+    at_stake = exposure_quote(orders)
     if at_stake + price * volume > config.max_exposure_quote + 1e-9:
         return "exposure_cap", f"exposure would be {at_stake + price * volume:.2f}, cap {config.max_exposure_quote:g}"
-    held = reserved(config, d.orders)
+    held = reserved(config, orders)
     bal = d.get("balances")
     if side == BUY:
         need = price * volume + rules.fee(price, volume)
@@ -515,6 +517,7 @@ def _on_fill(d: _Draft, fill: Fill, price: float, config: GridConfig) -> None:
         recent_fills=(record, *d.get("recent_fills"))[:FILLS_KEPT],
     )
     del d.orders[o.id]
+    d.blocked.pop(o.id, None)
     key = leg_key(o.slot, o.leg)
     holds_leg = d.legs.get(key) == o.id
     if o.role == ENTRY:
@@ -572,6 +575,7 @@ def _on_placed(d: _Draft, ev: Placed) -> None:
     o = d.orders.get(ev.order_id)
     if o is not None:
         d.orders[o.id] = replace(o, open=True, price=ev.price, volume=ev.volume)
+        d.blocked.pop(o.id, None)
 
 
 def _on_rejected(d: _Draft, ev: Rejected, config: GridConfig) -> None:
@@ -580,7 +584,8 @@ def _on_rejected(d: _Draft, ev: Rejected, config: GridConfig) -> None:
         return
     if o.role == EXIT:
         # The position exists whatever the exchange said: keep the exit and place it again next cycle.
-        if ev.reason != "post_only":
+        if ev.reason != "post_only" and d.blocked.get(o.id) != ev.reason:  # noted once, not every retry
+            d.blocked[o.id] = ev.reason
             d.note(ev.now, "rejected", f"exit {o.id} ({o.side} {o.volume:g} @ {o.price}) not placed: {ev.message}")
         d.orders[o.id] = replace(o, open=False)
         return
@@ -644,20 +649,20 @@ def mark_to_market(state: GridState, price: float) -> float:
 
 def to_dict(state: GridState) -> dict[str, Any]:
     return {
-        "posture": state.posture.__dict__,
+        "posture": dict(state.posture.__dict__),
         "price": state.price,
         "regime": state.regime,
-        "balances": state.balances.__dict__,
-        "orders": [o.__dict__ for o in state.orders.values()],
+        "balances": dict(state.balances.__dict__),
+        "orders": [dict(o.__dict__) for o in state.orders.values()],
         "legs": dict(state.legs),
         "seq": state.seq,
         "realized_quote": state.realized_quote,
         "fees_quote": state.fees_quote,
         "cycles": state.cycles,
-        "edges": {k: e.__dict__ for k, e in state.edges.items()},
+        "edges": {k: dict(e.__dict__) for k, e in state.edges.items()},
         "fill_times": list(state.fill_times),
         "recent_fills": list(state.recent_fills),
-        "recent_cycles": [c.__dict__ for c in state.recent_cycles],
+        "recent_cycles": [dict(c.__dict__) for c in state.recent_cycles],
         "notes": list(state.notes),
         "skipped": dict(state.skipped),
         "blocked": dict(state.blocked),

@@ -226,8 +226,7 @@ class GridRunner:
             if oid not in mine:
                 self._adoptable[oid] = order
         missing = [oid for oid, o in mine.items() if o.open and oid not in on_exchange]
-        lookup = getattr(self.exchange, "lookup", None)
-        found = lookup(missing) if (missing and lookup) else {}
+        found = self.exchange.lookup(missing) if missing else {}
         for oid in missing:
             info = found.get(oid)
             if isinstance(info, Fill):
@@ -375,7 +374,7 @@ class GridRunner:
                 for o in orders
             ],
             "recent_fills": list(st.recent_fills),
-            "recent_cycles": [c.__dict__ for c in st.recent_cycles],
+            "recent_cycles": [dict(c.__dict__) for c in st.recent_cycles],
             "notes": list(st.notes),
             "entries_skipped": dict(st.skipped),
         }

@@ -467,6 +467,17 @@ def test_a_stale_entry_is_refreshed_when_the_price_moves_more_than_refresh_pct()
     assert not old & set(state.orders)
 
 
+def test_a_refresh_with_just_enough_funds_replaces_the_entry_in_the_same_tick():
+    # 100 USD funds one buy of ~99.25; the refreshed entry needs the funds its cancelled one held.
+    config = GridConfig(rules=RULES, slots=1, entry_pct=1.0, order_quote=99.0, max_open_orders=2)
+    tight = Balances(quote=100.0, base=100_000.0)
+    state = started(config=config, balances=tight)
+    old = state.legs["0B"]
+    state, actions = step(state, T0 + 60, price=1.006, config=config, balances=tight)
+    assert old in cancelled(actions) and "0B" in places(actions)
+    assert not notes(state, "unfunded") and not notes(state, "capacity")
+
+
 def test_an_entry_is_not_refreshed_below_refresh_pct():
     state = started()
     for now, price in [(T0 + 60, 1.004), (T0 + 120, 0.996), (T0 + 180, 1.0)]:
