@@ -193,14 +193,19 @@ def test_a_fresh_paper_bot_reaches_full_depth_from_trades_in_seconds(tmp_path, b
     """Deep warm-up: Kraken's OHLC window is 720 candles; the trades before it fill the rest."""
     import time
 
+    import random
+
     from fake_kraken import FakeKraken
-    from test_trades_backfill import make_trades
 
     from candles import Candle
+    from kraken_client import Trade
     from trades_backfill import aggregate_trades
 
     now = time.time()
-    trades = make_trades(41, now - 4300 * 60, now, mean_gap=20.0)
+    rng, price, trades = random.Random(41), 0.1, []
+    for k in range(4300 * 6):  # a trade every 10 s over the last 4300 minutes
+        price = round(price * (1 + rng.gauss(0.0, 0.001)), 7)
+        trades.append(Trade(now - 4300 * 60 + 10 * k + rng.random(), price, round(rng.uniform(1, 5000), 8)))
     closed = aggregate_trades(trades, 1, end=now).closed
     forming = Candle(int(now // 60 * 60), closed[-1].close, closed[-1].close, closed[-1].close, closed[-1].close, 0)
     with FakeKraken([*closed, forming], now=time.time) as fake:
