@@ -15,6 +15,7 @@ import json
 import logging
 import secrets
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -283,6 +284,13 @@ class ApiServer:
                 with self.sockets_lock:
                     self.open_sockets.add(request)
                 super().process_request(request, client_address)
+
+            def handle_error(self, request: Any, client_address: Any) -> None:
+                # A browser that goes away mid-request is routine; anything else is a bug worth a trace.
+                if isinstance(sys.exc_info()[1], ConnectionError):
+                    log.debug("client %s went away", client_address)
+                else:
+                    log.exception("error while serving %s", client_address)
 
             def shutdown_request(self, request: Any) -> None:
                 with self.sockets_lock:

@@ -215,3 +215,26 @@ def test_stop_also_ends_kept_alive_connections():
     with pytest.raises((ConnectionError, http.client.HTTPException, OSError)):
         conn.request("GET", "/api/status")
         conn.getresponse().read()
+
+
+def test_a_client_that_resets_its_connection_is_logged_quietly(capfd, caplog):
+    import logging
+    import struct
+    import time
+
+    server = ApiServer("127.0.0.1", 0, make_ctx())
+    port = server.start()
+    try:
+        with caplog.at_level(logging.DEBUG, logger="http_api"):
+            sock = socket.create_connection(("127.0.0.1", port))
+            sock.sendall(b"GET /api/st")  # half a request line, then a reset (RST, not FIN)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and not any("went away" in r.message for r in caplog.records):
+                time.sleep(0.01)
+        assert any("went away" in r.message for r in caplog.records)
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert "Traceback" not in capfd.readouterr().err
+    finally:
+        server.stop()
