@@ -72,9 +72,11 @@ class RunStats:
     retrains: list[dict] = field(default_factory=list)
     series: dict[str, list[float]] = field(default_factory=dict)  # replay: equity curves per cycle
 
-    def record_equity(self, ts: float, price: float, tier: int, regime_aware: float, symmetric: float) -> None:
-        for key, value in (("t", ts), ("price", price), ("tier", tier), ("regime_aware", regime_aware),
-                           ("symmetric", symmetric)):  # fmt: skip
+    def record_equity(
+        self, ts: float, price: float, tier: int, stop: bool, regime_aware: float, symmetric: float
+    ) -> None:
+        for key, value in (("t", ts), ("price", price), ("tier", tier), ("capacity_stop", float(stop)),
+                           ("regime_aware", regime_aware), ("symmetric", symmetric)):  # fmt: skip
             self.series.setdefault(key, []).append(value)
 
 
@@ -329,7 +331,8 @@ class Bot:
             self.grid.changed, self._dirty = False, True
         if self.baseline is not None:
             self.baseline.step(now, candles, price, self.policy.regime, Posture(since=self.started_at))
-            self.stats.record_equity(now, price, effective.tier, self.grid.equity.last, self.baseline.equity.last)
+            stop = self.grid.capacity_band == "stop"
+            self.stats.record_equity(now, price, effective.tier, stop, self.grid.equity.last, self.baseline.equity.last)
 
     @property
     def capacity_band(self) -> str:

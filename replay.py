@@ -120,7 +120,12 @@ def strategies_report(
     hold = buy_and_hold(series, start_equity=regime_aware["start_equity_usd"], fee_pct=fee_pct)
     hold_equity = hold.pop("equity")
     strategies = {
-        "regime_aware": {**regime_aware, **tier_figures(series["tier"], span_sec)},
+        "regime_aware": {
+            **regime_aware,
+            **tier_figures(series["tier"], span_sec),
+            # Capacity "stop" blocks tier upgrades: how much of the run the grid's own book did that.
+            "capacity_stop_share": round(sum(series["capacity_stop"]) / len(series["capacity_stop"]), 4),
+        },
         "symmetric": symmetric,
         "buy_and_hold": hold,
     }

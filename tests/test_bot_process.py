@@ -191,9 +191,8 @@ def test_paper_mode_runs_on_kraken_public_data_through_kraken_api_url(tmp_path, 
 
 def test_a_fresh_paper_bot_reaches_full_depth_from_trades_in_seconds(tmp_path, bot_process):
     """Deep warm-up: Kraken's OHLC window is 720 candles; the trades before it fill the rest."""
-    import time
-
     import random
+    import time
 
     from fake_kraken import FakeKraken
 

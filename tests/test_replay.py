@@ -128,6 +128,7 @@ def assert_scorecard_consistent(report: dict) -> None:
     assert hold["end_inventory"]["base"] * first == pytest.approx(hold["start_equity_usd"] - hold["fees_usd"])
     aware = strategies["regime_aware"]
     assert sum(aware["tier_share"].values()) == pytest.approx(1.0, abs=1e-3)
+    assert 0 <= aware["capacity_stop_share"] <= 1
     assert aware["tier_changes"] >= 0 and aware["tier_changes_per_day"] is not None
     plot = Path(report["plot"])
     assert plot.exists() and "<svg" in plot.read_text()
