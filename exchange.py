@@ -102,6 +102,7 @@ class Balances:
 
 class Exchange(Protocol):
     rules: PairRules
+    fills_from_candles: bool  # paper: fills come from matching each candle; live: from the exchange
 
     def place(self, order: OrderRequest, now: float) -> str:
         """Rest ``order`` as a post-only limit order; returns the exchange's id.
@@ -119,6 +120,10 @@ class Exchange(Protocol):
         ...
 
     def open_orders(self) -> dict[str, OpenOrder]: ...
+
+    def adopt(self, order: OpenOrder) -> None:
+        """Track an order of this bot found open at reconciliation, as if :meth:`place` had placed it."""
+        ...
 
     def lookup(self, client_ids: list[str]) -> dict[str, Fill | None]:
         """What became of orders that left the book: their fill, or ``None`` (cancelled, expired, unknown)."""

@@ -536,8 +536,12 @@ def _on_fill(d: _Draft, fill: Fill, price: float, config: GridConfig) -> None:
     _book_cycle(d, o, fill, volume)
     rest = config.rules.round_volume(o.volume - volume)
     if rest > 0:
-        # A part executed before the rest was cancelled: the rest of the position keeps its exit, placed again.
-        d.orders[o.id] = replace(o, volume=rest, entry_fee=o.entry_fee * rest / o.volume, open=False)
+        # A part executed before the rest was cancelled: the rest of the position keeps an exit, placed
+        # again under a new id (an exchange may refuse to reuse the id of an order it has closed).
+        oid = f"{config.id_prefix}{d.new_id()}-{key}"
+        d.orders[oid] = replace(o, id=oid, volume=rest, entry_fee=o.entry_fee * rest / o.volume, open=False)
+        if holds_leg:
+            d.legs[key] = oid
         return
     if holds_leg:
         d.legs[key] = None

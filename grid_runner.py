@@ -148,7 +148,7 @@ class GridRunner:
 
     def _poll(self, now: float, fresh: list[Candle]) -> list[Fill]:
         assert self.exchange is not None
-        if getattr(self.exchange, "fills_from_candles", False):
+        if self.exchange.fills_from_candles:
             return [f for c in fresh for f in self.exchange.poll_fills(now, c)]
         return self.exchange.poll_fills(now, fresh[-1] if fresh else None)
 
@@ -182,9 +182,7 @@ class GridRunner:
         adopted = self._adoptable.pop(o.id, None)
         if adopted is not None:
             log.info("reconciled: adopting order %s found open on the exchange", o.id)
-            adopt = getattr(self.exchange, "adopt", None)
-            if adopt is not None:
-                adopt(adopted)
+            self.exchange.adopt(adopted)
             return [Placed(o.id, adopted.price, adopted.volume)]
         try:
             self.exchange.place(OrderRequest(o.id, o.side, o.price, o.volume), now)

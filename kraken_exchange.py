@@ -135,6 +135,8 @@ class KrakenExchange:
     ``info`` (rules and Kraken's asset names) is read from AssetPairs when not given.
     """
 
+    fills_from_candles = False  # Kraken reports its own fills
+
     def __init__(
         self,
         client: KrakenPrivateClient,
@@ -151,12 +153,6 @@ class KrakenExchange:
         self._uncertain: set[str] = set()  # AddOrder answered with RetryLater: the order may exist
         self.info = info if info is not None else client.asset_pair_info(pair)
         self.rules: PairRules = self.info.rules
-
-    def load_rules(self) -> PairRules:
-        """Re-read the pair's rules (decimals, minimums, fee) from AssetPairs."""
-        self.info = self.client.asset_pair_info(self.pair)
-        self.rules = self.info.rules
-        return self.rules
 
     # Exchange -----------------------------------------------------------------------------
 

@@ -397,21 +397,6 @@ class KrakenPrivateClient:
             log.info("order %s was placed after all: %s", cl_ord_id, found[0])
             return found[0]
 
-    def validate_order(
-        self,
-        pair: str,
-        side: str,
-        price: str,
-        volume: str,
-        cl_ord_id: str | None = None,
-        userref: int | None = None,
-        post_only: bool = True,
-    ) -> dict[str, Any]:
-        """Kraken's check of an order without placing it (``validate=true``); returns ``descr``."""
-        params = [*self._order_params(pair, side, price, volume, cl_ord_id, userref, post_only), ("validate", "true")]
-        result = self._private("AddOrder", params)
-        return result.get("descr", {}) if isinstance(result, dict) else {}
-
     def cancel_order(self, txid: str | None = None, *, cl_ord_id: str | None = None) -> dict[str, Any]:
         """Cancel one open order by txid or by cl_ord_id; returns ``{"count": n, ...}``.
 

@@ -151,6 +151,9 @@ class PaperExchange:
     def open_orders(self) -> dict[str, OpenOrder]:
         return dict(self.book.orders)
 
+    def adopt(self, order: OpenOrder) -> None:
+        """Nothing to do: the paper book is restored with the grid, so it holds no order the grid lacks."""
+
     def lookup(self, client_ids: list[str]) -> dict[str, Fill | None]:
         """Paper orders that left the book were cancelled (fills are reported as they happen)."""
         return dict.fromkeys(client_ids)

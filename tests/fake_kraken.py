@@ -315,8 +315,21 @@ def _make_handler(fake: FakeKraken) -> type[BaseHTTPRequestHandler]:
         def do_GET(self) -> None:
             parts = urlsplit(self.path)
             params = dict(parse_qsl(parts.query, keep_blank_values=True))
-            answer = fake.handle(parts.path, params, dict(self.headers.items()))
-            if answer is None:  # stopped while waiting: drop the connection unanswered
+            self._send_answer(fake.handle(parts.path, params, dict(self.headers.items())))
+
+        def do_POST(self) -> None:
+            try:
+                length = int(self.headers.get("Content-Length") or 0)
+            except ValueError:
+                length = -1
+            if not 0 <= length <= MAX_POST_BYTES:
+                self._send_answer(_json(413, {"error": ["EGeneral:Invalid arguments"]}))
+                return
+            body = self.rfile.read(length)
+            self._send_answer(fake.handle_post(urlsplit(self.path).path, body, dict(self.headers.items())))
+
+        def _send_answer(self, answer: Response | None) -> None:
+            if answer is None:  # stopped while waiting, or a dropped connection on purpose: close it unanswered
                 self.close_connection = True
                 return
             status, headers, body = answer
@@ -331,32 +344,6 @@ def _make_handler(fake: FakeKraken) -> type[BaseHTTPRequestHandler]:
                 self.end_headers()
                 self.wfile.write(body)
             except OSError:  # the client gave up (e.g. its timeout fired)
-                self.close_connection = True
-
-        def do_POST(self) -> None:
-            try:
-                length = int(self.headers.get("Content-Length") or 0)
-            except ValueError:
-                length = -1
-            if not 0 <= length <= MAX_POST_BYTES:
-                self._send_answer(_json(413, {"error": ["EGeneral:Invalid arguments"]}))
-                return
-            body = self.rfile.read(length)
-            self._send_answer(fake.handle_post(urlsplit(self.path).path, body, dict(self.headers.items())))
-
-        def _send_answer(self, answer: Response | None) -> None:
-            if answer is None:  # no answer on purpose (a dropped connection): close it unanswered
-                self.close_connection = True
-                return
-            status, headers, body = answer
-            try:
-                self.send_response(status)
-                for name, value in headers.items():
-                    self.send_header(name, value)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-            except OSError:
                 self.close_connection = True
 
         def log_message(self, format: str, *args: Any) -> None:  # noqa: A002

@@ -310,13 +310,13 @@ def test_a_partial_exit_fill_books_its_part_and_keeps_an_exit_for_the_rest():
     assert cycle.fees_quote == pytest.approx(0.099 + 0.10098, abs=1e-9)
     assert cycle.net_quote == pytest.approx(0.59202, abs=1e-9)
 
-    rest = state.orders[sell_exit.id]
-    assert (rest.volume, rest.open, rest.entry_price) == (60.0, False, 0.99)
-    assert state.legs["0B"] == sell_exit.id
+    assert sell_exit.id not in state.orders  # the closed order's id is not reused
+    rest = held_by(state, "0B")
+    assert (rest.role, rest.volume, rest.open, rest.entry_price) == (EXIT, 60.0, False, 0.99)
     state, actions = step(state, T0 + 660)
-    assert [(a.order.id, a.order.volume) for a in actions if a.order.role == EXIT] == [(sell_exit.id, 60.0)]
+    assert [(a.order.id, a.order.volume) for a in actions if a.order.role == EXIT] == [(rest.id, 60.0)]
 
-    state, _ = fill(state, state.orders[sell_exit.id], T0 + 700)
+    state, _ = fill(state, state.orders[rest.id], T0 + 700)
     assert state.cycles == 2 and state.legs["0B"] is None
     assert state.realized_quote == pytest.approx(1.48005, abs=1e-9)  # the same as one whole cycle
     assert state.fees_quote == pytest.approx(0.49995, abs=1e-9)

@@ -480,14 +480,6 @@ def test_mutually_exclusive_ids_are_refused_before_sending(
     assert fake.private_requests() == []
 
 
-def test_validate_checks_without_placing(client: KrakenPrivateClient, fake: FakeKrakenPrivate) -> None:
-    descr = client.validate_order("XDGUSD", SELL, "0.0810000", "100.00000000", cl_ord_id="g1")
-    assert descr["order"].startswith("sell 100.00000000 XDGUSD @ limit 0.0810000")
-    assert fake.orders == {}
-    with pytest.raises(OrderRejected, match="Insufficient funds"):
-        client.validate_order("XDGUSD", SELL, "0.0810000", "9000.00000000", cl_ord_id="g1")
-
-
 # AssetPairs ------------------------------------------------------------------------------------------
 
 
@@ -571,7 +563,6 @@ def test_format_amount() -> None:
 
 def test_rules_are_read_at_construction(kraken: KrakenExchange) -> None:
     assert kraken.rules == RULES
-    assert kraken.load_rules() == RULES
 
 
 def test_place_cancel_open_orders_and_balances(
