@@ -52,6 +52,7 @@ from status import (
     regime_tier_block,
 )
 from store import Store
+from trades_backfill import TradesBackfill
 
 log = logging.getLogger("bot")
 
@@ -95,7 +96,7 @@ class Bot:
         panel: Panel | None = None,
         grid: GridRunner | None = None,
         baseline: bool = False,
-        backfill: Any = None,
+        backfill: TradesBackfill | None = None,
         autosave: bool = True,
     ) -> None:
         s = settings
@@ -143,7 +144,7 @@ class Bot:
         self.grid.record_error = self.record_error
         # A replay also runs an always-symmetric grid on the same candles, as the baseline to beat.
         self.baseline = paper_grid(s, id_prefix="base") if baseline else None
-        self.backfill = backfill  # trades_backfill.TradesBackfill, or None where the market has no trades
+        self.backfill = backfill  # None where the market has no trades (sim, replay)
         self.autosave = autosave
 
     # lifecycle ----------------------------------------------------------------
@@ -336,6 +337,7 @@ class Bot:
 
     @property
     def capacity_band(self) -> str:
+        """The grid's capacity band: an input of tier gating and of the advisor's rails."""
         return self.grid.capacity_band
 
     def _advisor_context(self) -> Callable[[], dict[str, Any]]:
