@@ -4,10 +4,12 @@ import math
 import sqlite3
 
 import pytest
+from fake_postgrest import FakePostgrest
 
 from candles import Candle
 from errors import ConfigError, RetryLater
 from store import SQLiteStore
+from supabase_store import SupabaseStore
 
 PAIR = "XDGUSD"
 
@@ -16,9 +18,23 @@ def candles(start: int, n: int, step: int = 60, price: float = 0.08) -> list[Can
     return [Candle(start + i * step, price, price * 1.01, price * 0.99, price, 1000.0 + i, i) for i in range(n)]
 
 
-@pytest.fixture(params=["sqlite-file", "sqlite-memory"])
+@pytest.fixture(scope="module")
+def postgrest():
+    """One local PostgREST-protocol server for the module (emptied before each test that uses it)."""
+    with FakePostgrest() as fake:
+        yield fake
+
+
+@pytest.fixture(params=["sqlite-file", "sqlite-memory", "supabase", "supabase-capped"])
 def store(request, tmp_path):
-    s = SQLiteStore(tmp_path / "store.sqlite3" if request.param == "sqlite-file" else ":memory:")
+    if request.param.startswith("supabase"):
+        fake = request.getfixturevalue("postgrest")
+        fake.reset()
+        # "capped": the server answers at most 7 rows per request, so every multi-row read pages.
+        fake.max_rows = 7 if request.param == "supabase-capped" else 1000
+        s = SupabaseStore(fake.url, fake.key)
+    else:
+        s = SQLiteStore(tmp_path / "store.sqlite3" if request.param == "sqlite-file" else ":memory:")
     yield s
     s.close()
 

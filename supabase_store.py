@@ -1,0 +1,438 @@
+"""The :class:`store.Store` on Supabase (Postgres behind PostgREST), through the ``supabase`` client.
+
+The contract is exactly :class:`store.SQLiteStore`'s: same tables and columns
+(``db/supabase_schema.sql`` creates them), same results, same errors. Choices:
+
+- **Idempotent writes.** Candles are upserted on ``(pair, interval_min, time)``
+  (``Prefer: resolution=merge-duplicates``, ``on_conflict``) in batches of
+  ``batch_size``, de-duplicated by ``time`` first (last wins, as SQLite's
+  ``executemany`` does; Postgres refuses a command that touches one key
+  twice). A batch retried after a lost answer changes nothing. Batches are not
+  one transaction: after a failure the earlier ones have landed and the caller
+  simply sends everything again. Opinions and fills are inserted with
+  ``resolution=ignore-duplicates`` on their keys, the snapshot upserted on
+  ``key``. Tier transitions have no natural key (SQLite's table has none), so
+  a transition whose answer was lost may be recorded twice if the caller retries it.
+- **Paged loads.** Supabase answers at most ``db-max-rows`` (1000 by default)
+  rows per request whatever ``limit`` asks. :meth:`SupabaseStore.load_candles`
+  reads newest first in pages of ``page_size`` using the time of the oldest
+  row seen so far (``time=lt.T``), not ``offset``: a candle written between two
+  pages cannot shift a row into both. It stops at ``limit`` rows or when a page
+  comes back shorter than the largest page seen (the server's cap is learnt,
+  not assumed), and returns the rows oldest first. The event tables are read
+  the same way with ``offset``.
+- **Faults.** No retries inside (the client's own retry, which sleeps up to
+  7 s on a 503, is off): network errors, timeouts (``timeout`` seconds per
+  request), 5xx, 408 and 429 (with ``Retry-After``), and PostgREST's
+  database-unavailable codes raise :class:`errors.RetryLater`; the caller tries
+  again on its cadence. A refused key (401/403) or a missing table or column
+  (schema not applied) raises :class:`errors.ConfigError` naming the fix; a row
+  the database rejects raises :class:`errors.BadData`. No ``httpx`` or
+  ``postgrest`` exception escapes. Like SQLite's, a state that is not JSON
+  (NaN) raises ``ValueError`` before anything is sent.
+- **Types.** Postgres renders a whole ``double precision`` as ``100``; rows are
+  coerced back to the Python types SQLite returns (float for REAL columns,
+  int for INTEGER ones), derived from :data:`store.SCHEMA`.
+- :meth:`SupabaseStore.check` (not part of :class:`store.Store`) reads each
+  table once, for a startup that wants to fail fast on a wrong key or schema.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import httpx
+from postgrest import APIError, SyncRequestBuilder
+from supabase import ClientOptions, create_client
+
+from candles import Candle
+from errors import BadData, ConfigError, RetryLater
+from store import FILL_COLUMNS, OPINION_COLUMNS, SCHEMA, TRANSITION_COLUMNS
+
+log = logging.getLogger(__name__)
+
+CANDLES = "ohlcv_candles"
+STATE = "bot_state"
+TRANSITIONS = "regime_tier_transitions"
+OPINIONS = "ai_regime_opinions"
+FILLS = "fills"
+TABLES = (CANDLES, STATE, TRANSITIONS, OPINIONS, FILLS)
+CANDLE_COLUMNS = ("time", "open", "high", "low", "close", "volume", "trade_count")
+CANDLE_KEY = "pair,interval_min,time"
+SCHEMA_FILE = "db/supabase_schema.sql"
+DEFAULT_TIMEOUT_SEC = 10.0
+RETRY_STATUSES = frozenset({408, 425, 429})
+# Postgres SQLSTATE classes that say "not now": connection, resources, operator intervention, rollback.
+TRANSIENT_SQLSTATE_CLASSES = frozenset({"08", "40", "53", "55", "57", "58"})
+SCHEMA_SQLSTATES = frozenset({"42P01", "42703", "42P10", "42883", "3F000"})
+_CONSTRAINTS = frozenset({"PRIMARY", "UNIQUE", "CONSTRAINT", "CHECK", "FOREIGN", "EXCLUDE"})
+_COLUMN_OPTIONS = re.compile(r"\s+(NOT|NULL|DEFAULT|PRIMARY|GENERATED|REFERENCES|CHECK|UNIQUE|COLLATE)\b", re.I)
+
+
+# Schema text (pure) ---------------------------------------------------------------
+
+
+def _split_top_level(body: str) -> list[str]:
+    parts, depth, current = [], 0, []
+    for char in body:
+        if char == "," and depth == 0:
+            parts.append("".join(current))
+            current = []
+            continue
+        depth += char == "("
+        depth -= char == ")"
+        current.append(char)
+    parts.append("".join(current))
+    return [p.strip() for p in parts if p.strip()]
+
+
+def parse_tables(sql: str) -> dict[str, dict[str, Any]]:
+    """``{table: {"columns": {name: type}, "primary_key": [names]}}`` from ``CREATE TABLE`` statements.
+
+    Understands the plain DDL of :data:`store.SCHEMA` and ``db/supabase_schema.sql``
+    (SQLite and Postgres spellings alike); comments are ignored.
+    """
+    text = re.sub(r"--[^\n]*", "", sql)
+    out: dict[str, dict[str, Any]] = {}
+    pattern = re.compile(r"create\s+table\s+(?:if\s+not\s+exists\s+)?(?:public\.)?\"?(\w+)\"?\s*\(", re.I)
+    for match in pattern.finditer(text):
+        depth, i = 1, match.end()
+        while depth:
+            depth += {"(": 1, ")": -1}.get(text[i], 0)
+            i += 1
+        columns: dict[str, str] = {}
+        primary: list[str] = []
+        for item in _split_top_level(text[match.end() : i - 1]):
+            first = item.split()[0].upper()
+            if first in _CONSTRAINTS:
+                pk = re.search(r"primary\s+key\s*\(([^)]*)\)", item, re.I)
+                if pk:
+                    primary = [c.strip().strip('"') for c in pk[1].split(",")]
+                continue
+            name, _, rest = item.partition(" ")
+            kind = _COLUMN_OPTIONS.split(" " + rest.strip(), maxsplit=1)[0].strip()
+            columns[name.strip('"')] = kind.lower()
+            if re.search(r"\bprimary\s+key\b", rest, re.I):
+                primary = [name.strip('"')]
+        out[match[1]] = {"columns": columns, "primary_key": primary}
+    return out
+
+
+def _converters(sql: str) -> dict[str, dict[str, Callable[[Any], Any]]]:
+    """Per table and column, what turns a JSON value into the type SQLite would return."""
+    table_converters: dict[str, dict[str, Callable[[Any], Any]]] = {}
+    for table, spec in parse_tables(sql).items():
+        table_converters[table] = {}
+        for name, kind in spec["columns"].items():
+            if "int" in kind:
+                table_converters[table][name] = int
+            elif kind in ("real", "double precision", "float", "numeric"):
+                table_converters[table][name] = float
+    return table_converters
+
+
+CONVERTERS = _converters(SCHEMA)
+
+
+def coerce_row(table: str, row: dict[str, Any]) -> dict[str, Any]:
+    """``row`` with numbers as SQLite returns them (``100`` -> ``100.0`` in a REAL column)."""
+    convert = CONVERTERS.get(table, {})
+    return {k: (v if v is None or k not in convert else convert[k](v)) for k, v in row.items()}
+
+
+# Faults (pure) ----------------------------------------------------------------------
+
+
+def classify_api_error(
+    status: int | None, code: str | None, message: str | None, *, retry_after: float | None, what: str
+) -> Exception:
+    """The bot's exception for an error answer (``status`` None when unknown)."""
+    code = code or ""
+    if code.isdigit() and len(code) == 3:  # no PostgREST body (HEAD, a proxy's page): the client puts the status here
+        status, code = status or int(code), ""
+    text = f"store: {what} failed: Supabase answered {status or '?'}" + (f" {code}" if code else "")
+    text += f": {message}" if message else ""
+    if (status is not None and (status >= 500 or status in RETRY_STATUSES)) or code.startswith("PGRST0"):
+        return RetryLater(text, retry_after_sec=retry_after)
+    if len(code) == 5 and code[:2] in TRANSIENT_SQLSTATE_CLASSES:  # a Postgres SQLSTATE
+        return RetryLater(text, retry_after_sec=retry_after)
+    if status in (401, 403) or code.startswith("PGRST3") or code == "42501":
+        return ConfigError(f"{text} (check SUPABASE_KEY: the service-role key of this project)")
+    if status == 404 or code.startswith("PGRST2") or code in SCHEMA_SQLSTATES:
+        return ConfigError(f"{text} (apply {SCHEMA_FILE} to the project's database)")
+    return BadData(text)
+
+
+def _retry_after(value: str | None) -> float | None:
+    try:
+        return max(float(value), 0.0) if value else None
+    except ValueError:
+        return None
+
+
+# The store --------------------------------------------------------------------------
+
+
+class SupabaseStore:
+    """:class:`store.Store` on a Supabase project's REST API. Any thread may call in.
+
+    ``url`` is the project URL (``https://<ref>.supabase.co``) and ``key`` its
+    service-role key (or a key that row-level security lets read and write
+    these tables). Nothing goes over the network until the first call.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        key: str,
+        *,
+        page_size: int = 1000,
+        batch_size: int = 500,
+        timeout: float = DEFAULT_TIMEOUT_SEC,
+    ) -> None:
+        if not re.match(r"^https?://[^/\s]+", url or ""):
+            raise ConfigError(f"SUPABASE_URL={url!r} is not an http(s) URL")
+        if not key or not key.strip():
+            raise ConfigError("SUPABASE_KEY is empty")
+        if page_size < 1 or batch_size < 1 or not timeout > 0:
+            raise ValueError("page_size, batch_size and timeout must be positive")
+        self.url = url
+        self.page_size = page_size
+        self.batch_size = batch_size
+        self.timeout = timeout
+        self._answer = threading.local()  # status and Retry-After of this thread's last answer
+        self._http = httpx.Client(
+            timeout=httpx.Timeout(timeout),
+            limits=httpx.Limits(max_connections=8, max_keepalive_connections=4, keepalive_expiry=30.0),
+            event_hooks={"response": [self._note_answer]},
+        )
+        options = ClientOptions(
+            postgrest_client_retry=False,
+            httpx_client=self._http,
+            auto_refresh_token=False,
+            persist_session=False,
+        )
+        try:
+            self._client = create_client(url.rstrip("/"), key, options)
+        except Exception as exc:  # the client validates its arguments
+            self._http.close()
+            raise ConfigError(f"cannot create the Supabase client for {url}: {exc}") from exc
+
+    def _note_answer(self, response: httpx.Response) -> None:
+        self._answer.status = response.status_code
+        self._answer.retry_after = _retry_after(response.headers.get("retry-after"))
+
+    @contextmanager
+    def _faults(self, what: str) -> Iterator[None]:
+        """Transport and server faults become :class:`RetryLater`; see :func:`classify_api_error`."""
+        self._answer.status, self._answer.retry_after = None, None
+        try:
+            yield
+        except APIError as exc:
+            status, retry_after = self._answer.status, self._answer.retry_after
+            raise classify_api_error(status, exc.code, exc.message, retry_after=retry_after, what=what) from exc
+        except httpx.TimeoutException as exc:
+            raise RetryLater(f"store: {what} failed: Supabase did not answer within {self.timeout:g} s") from exc
+        except httpx.HTTPError as exc:  # connection refused or reset, dropped, protocol errors
+            raise RetryLater(f"store: {what} failed: {type(exc).__name__}: {exc}") from exc
+
+    def _table(self, name: str) -> SyncRequestBuilder:
+        return self._client.table(name)
+
+    @staticmethod
+    def _rows(data: Any, what: str) -> list[dict[str, Any]]:
+        if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+            raise RetryLater(f"store: {what} failed: Supabase answered something that is not a list of rows")
+        return data
+
+    def check(self) -> None:
+        """Read each table once: :class:`ConfigError` for a refused key or a missing table or column."""
+        columns = {
+            CANDLES: ("pair", "interval_min", *CANDLE_COLUMNS),
+            STATE: ("key", "data", "updated_at"),
+            TRANSITIONS: ("id", *TRANSITION_COLUMNS),
+            OPINIONS: (*OPINION_COLUMNS, "price_after", "hit"),
+            FILLS: FILL_COLUMNS,
+        }
+        for table, names in columns.items():
+            with self._faults(f"checking table {table}"):
+                self._table(table).select(",".join(names)).limit(1).execute()
+
+    # candles ----------------------------------------------------------------------
+
+    def upsert_candles(self, pair: str, interval_min: int, candles: Sequence[Candle]) -> None:
+        by_time = {int(c.time): c for c in candles}  # one row per key and command, the last one wins
+        rows = [
+            {"pair": pair, "interval_min": interval_min, **dict(zip(CANDLE_COLUMNS, c, strict=True))}
+            for c in by_time.values()
+        ]
+        for start in range(0, len(rows), self.batch_size):
+            batch = rows[start : start + self.batch_size]
+            with self._faults("writing candles"):
+                self._table(CANDLES).upsert(batch, on_conflict=CANDLE_KEY, returning="minimal").execute()
+
+    def load_candles(self, pair: str, interval_min: int, limit: int) -> list[Candle]:
+        if limit <= 0:
+            return []
+        rows: list[dict[str, Any]] = []
+        largest_page = 0
+        while len(rows) < limit:
+            want = min(self.page_size, limit - len(rows))
+            query = (
+                self._table(CANDLES).select(",".join(CANDLE_COLUMNS)).eq("pair", pair).eq("interval_min", interval_min)
+            )
+            if rows:
+                query = query.lt("time", rows[-1]["time"])
+            with self._faults("reading candles"):
+                page = self._rows(query.order("time", desc=True).limit(want).execute().data, "reading candles")
+            rows.extend(page[:want])
+            largest_page = max(largest_page, len(page))
+            if not page or (len(page) < want and len(page) < largest_page):
+                break
+        rows.reverse()
+        return [
+            Candle(int(r["time"]), *(float(r[k]) for k in CANDLE_COLUMNS[1:6]), int(r["trade_count"] or 0))
+            for r in rows
+        ]
+
+    def count_candles(self, pair: str, interval_min: int) -> int:
+        with self._faults("counting candles"):
+            answer = (
+                self._table(CANDLES)
+                .select("time", count="exact", head=True)
+                .eq("pair", pair)
+                .eq("interval_min", interval_min)
+                .execute()
+            )
+        if answer.count is None:
+            raise RetryLater("store: counting candles failed: Supabase sent no count (Content-Range)")
+        return int(answer.count)
+
+    def prune_candles(self, pair: str, interval_min: int, *, older_than: int, keep_newest: int) -> int:
+        # The time of the keep_newest-th newest candle bounds the cut. Two requests, not one
+        # transaction: rows written in between are newer, so the newest keep_newest still survive.
+        with self._faults("pruning candles"):
+            floor = self._rows(
+                self._table(CANDLES)
+                .select("time")
+                .eq("pair", pair)
+                .eq("interval_min", interval_min)
+                .order("time", desc=True)
+                .range(max(keep_newest - 1, 0), max(keep_newest - 1, 0))
+                .execute()
+                .data,
+                "pruning candles",
+            )
+        if not floor:
+            return 0
+        cutoff = min(older_than, int(floor[0]["time"]))
+        with self._faults("pruning candles"):
+            answer = (
+                self._table(CANDLES)
+                .delete(count="exact", returning="minimal")
+                .eq("pair", pair)
+                .eq("interval_min", interval_min)
+                .lt("time", cutoff)
+                .execute()
+            )
+        if answer.count is None:
+            log.warning("Supabase sent no count for a prune of %s %sm; reporting 0", pair, interval_min)
+            return 0
+        return int(answer.count)
+
+    # state ------------------------------------------------------------------------
+
+    def load_state(self, key: str) -> dict[str, Any] | None:
+        with self._faults("reading the state"):
+            rows = self._rows(
+                self._table(STATE).select("data").eq("key", key).limit(1).execute().data, "reading the state"
+            )
+        if not rows:
+            return None
+        data = rows[0].get("data")
+        if isinstance(data, str):  # a json/text column instead of jsonb
+            try:
+                data = json.loads(data)
+            except json.JSONDecodeError:
+                log.error("bot_state %r is not valid JSON; ignoring it", key)
+                return None
+        return data if isinstance(data, dict) else None
+
+    def save_state(self, key: str, data: dict[str, Any], updated_at: float) -> None:
+        # Serialised first, exactly as SQLite's store does: NaN raises ValueError before anything is sent.
+        document = json.loads(json.dumps(data, separators=(",", ":"), allow_nan=False))
+        row = {"key": key, "data": document, "updated_at": float(updated_at)}
+        with self._faults("saving the state"):
+            self._table(STATE).upsert(row, on_conflict="key", returning="minimal").execute()
+
+    # events -----------------------------------------------------------------------
+
+    def _newest(
+        self, table: str, columns: Sequence[str], pair: str, order: Sequence[str], limit: int, what: str
+    ) -> list[dict[str, Any]]:
+        """The first ``limit`` rows of ``pair`` in ``order`` (descending), paged past the server's cap."""
+        rows: list[dict[str, Any]] = []
+        largest_page = 0
+        while len(rows) < limit:
+            want = min(self.page_size, limit - len(rows))
+            query = self._table(table).select(",".join(columns)).eq("pair", pair)
+            for column in order:
+                query = query.order(column, desc=True)
+            with self._faults(what):
+                page = self._rows(query.range(len(rows), len(rows) + want - 1).execute().data, what)
+            rows.extend(page[:want])
+            largest_page = max(largest_page, len(page))
+            if not page or (len(page) < want and len(page) < largest_page):
+                break
+        return [coerce_row(table, {c: r.get(c) for c in columns}) for r in rows]
+
+    def record_tier_transition(self, row: dict[str, Any]) -> None:
+        values = {c: row.get(c) for c in TRANSITION_COLUMNS}
+        with self._faults("recording a tier transition"):
+            self._table(TRANSITIONS).insert(values, returning="minimal").execute()
+
+    def tier_transitions(self, pair: str, limit: int = 50) -> list[dict[str, Any]]:
+        return self._newest(TRANSITIONS, TRANSITION_COLUMNS, pair, ("id",), limit, "reading tier transitions")
+
+    def record_ai_opinion(self, row: dict[str, Any]) -> None:
+        values = {c: row.get(c) for c in OPINION_COLUMNS}
+        with self._faults("recording an AI opinion"):
+            self._table(OPINIONS).upsert(
+                values, on_conflict="pair,ts", ignore_duplicates=True, returning="minimal"
+            ).execute()
+
+    def record_ai_opinion_outcome(self, pair: str, ts: float, *, price_after: float, hit: bool) -> None:
+        with self._faults("scoring an AI opinion"):
+            (
+                self._table(OPINIONS)
+                .update({"price_after": price_after, "hit": int(hit)}, returning="minimal")
+                .eq("pair", pair)
+                .eq("ts", ts)
+                .execute()
+            )
+
+    def ai_opinions(self, pair: str, limit: int = 50) -> list[dict[str, Any]]:
+        columns = (*OPINION_COLUMNS, "price_after", "hit")
+        rows = self._newest(OPINIONS, columns, pair, ("ts",), limit, "reading AI opinions")
+        for row in rows:
+            row["hit"] = None if row["hit"] is None else bool(row["hit"])
+        return rows
+
+    def record_fill(self, row: dict[str, Any]) -> None:
+        values = {c: row.get(c) for c in FILL_COLUMNS}
+        with self._faults("recording a fill"):
+            self._table(FILLS).upsert(
+                values, on_conflict="pair,order_id", ignore_duplicates=True, returning="minimal"
+            ).execute()
+
+    def fills(self, pair: str, limit: int = 50) -> list[dict[str, Any]]:
+        return self._newest(FILLS, FILL_COLUMNS, pair, ("ts", "order_id"), limit, "reading fills")
+
+    def close(self) -> None:
+        self._http.close()
