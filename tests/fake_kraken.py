@@ -35,18 +35,18 @@ server by a factory.
 from __future__ import annotations
 
 import bisect
-import contextlib
 import json
 import logging
 import math
-import socket
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
 from decimal import Decimal
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any, NamedTuple
 from urllib.parse import parse_qsl, urlsplit
+
+from loopback_server import LoopbackServer
 
 from candles import Candle, aggregate
 from kraken_client import Trade
@@ -281,29 +281,6 @@ def respond_trades(
 # The server -------------------------------------------------------------------
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(self, fake: FakeKraken, handler: type[BaseHTTPRequestHandler]) -> None:
-        self.fake = fake
-        self.open_sockets: set[socket.socket] = set()
-        self.sockets_lock = threading.Lock()
-        super().__init__(("127.0.0.1", 0), handler)
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        with self.sockets_lock:
-            self.open_sockets.add(request)
-        super().process_request(request, client_address)
-
-    def shutdown_request(self, request: Any) -> None:
-        with self.sockets_lock:
-            self.open_sockets.discard(request)
-        super().shutdown_request(request)
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        log.debug("fake Kraken: error while serving %s", client_address, exc_info=True)
-
-
 def _make_handler(fake: FakeKraken) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -378,8 +355,7 @@ class FakeKraken:
         self._trade_ns: list[int] = []
         self._failures: deque[Failure] = deque()
         self._stop = threading.Event()
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
+        self._http = LoopbackServer(_make_handler(self), "fake-kraken")
         self.set_candles(candles)
         self.set_trades(trades)
 
@@ -414,33 +390,13 @@ class FakeKraken:
     # lifecycle ------------------------------------------------------------------
 
     def start(self) -> str:
-        if self._server is not None:
-            return self.url
         self._stop.clear()
-        self._server = _Server(self, _make_handler(self))
-        host, port = self._server.server_address[:2]
-        self.url = f"http://{host}:{port}"
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name="fake-kraken", daemon=True
-        )
-        self._thread.start()
+        self.url = self._http.start()
         return self.url
 
     def stop(self) -> None:
-        server, self._server = self._server, None
-        if server is None:
-            return
         self._stop.set()  # wakes every "slow" answer
-        server.shutdown()
-        with server.sockets_lock:
-            open_sockets = list(server.open_sockets)
-        for sock in open_sockets:  # ends keep-alive connections idling in their threads
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-        server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=2.0)
-            self._thread = None
+        self._http.stop()
 
     def __enter__(self) -> FakeKraken:
         self.start()

@@ -55,14 +55,15 @@ import json
 import logging
 import re
 import secrets
-import socket
 import sqlite3
 import threading
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any, NamedTuple
 from urllib.parse import parse_qsl, urlsplit
+
+from loopback_server import LoopbackServer
 
 from store import SCHEMA
 
@@ -603,29 +604,6 @@ def respond(db: Database, request: Request, table: str, max_rows: int | None) ->
 # The server ---------------------------------------------------------------------
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True  # comes back on the same port while old connections sit in TIME_WAIT
-
-    def __init__(self, port: int, handler: type[BaseHTTPRequestHandler]) -> None:
-        self.open_sockets: set[socket.socket] = set()
-        self.sockets_lock = threading.Lock()
-        super().__init__(("127.0.0.1", port), handler)
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        with self.sockets_lock:
-            self.open_sockets.add(request)
-        super().process_request(request, client_address)
-
-    def shutdown_request(self, request: Any) -> None:
-        with self.sockets_lock:
-            self.open_sockets.discard(request)
-        super().shutdown_request(request)
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        log.debug("fake PostgREST: error while serving %s", client_address, exc_info=True)
-
-
 def _make_handler(fake: FakePostgrest) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -700,14 +678,12 @@ class FakePostgrest:
         self.key = key
         self.max_rows = max_rows
         self.url = ""
-        self.port = 0
         self.requests: list[dict[str, Any]] = []
         self.db = Database(schema)
         self._lock = threading.Lock()
         self._failures: deque[Failure] = deque()
         self._stop = threading.Event()
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
+        self._http = LoopbackServer(_make_handler(self), "fake-postgrest")
 
     # control --------------------------------------------------------------------
 
@@ -746,40 +722,24 @@ class FakePostgrest:
 
     @property
     def running(self) -> bool:
-        return self._server is not None
+        return self._http.running
+
+    @property
+    def port(self) -> int:
+        return self._http.port
 
     # lifecycle ------------------------------------------------------------------
 
     def start(self) -> str:
         """Serve (again); the first start picks a free port, later ones reuse it."""
-        if self._server is not None:
-            return self.url
         self._stop.clear()
-        self._server = _Server(self.port, _make_handler(self))
-        self.port = self._server.server_address[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name="fake-postgrest", daemon=True
-        )
-        self._thread.start()
+        self.url = self._http.start()
         return self.url
 
     def stop(self) -> None:
         """Stop answering and close every connection (an outage); the data stays."""
-        server, self._server = self._server, None
-        if server is None:
-            return
         self._stop.set()  # wakes every "slow" answer
-        server.shutdown()
-        with server.sockets_lock:
-            open_sockets = list(server.open_sockets)
-        for sock in open_sockets:  # ends keep-alive connections idling in their threads
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-        server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=2.0)
-            self._thread = None
+        self._http.stop()
 
     def close(self) -> None:
         self.stop()
