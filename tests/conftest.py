@@ -63,6 +63,18 @@ def run_ticks(bot: Bot, n: int, interval_sec: float | None = None) -> None:
         bot.clock.advance(step)
 
 
+class SleepRecorder:
+    """The client's ``sleep``: records each delay and lets it pass on the simulated clock."""
+
+    def __init__(self, clock: SimClock) -> None:
+        self.clock = clock
+        self.calls: list[float] = []
+
+    def __call__(self, seconds: float) -> None:
+        self.calls.append(seconds)
+        self.clock.sleep(seconds)
+
+
 class StepClock:
     """Monotonic seconds that move only when told (panel cool-downs without sleeping)."""
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from conftest import SleepRecorder
 from fake_kraken import BAD_PRICE, BAD_ROW_INDEX, FakeKraken
 
 from candle_pipeline import CandlePipeline, FeedSpec
@@ -30,18 +31,6 @@ CANDLES, _ = generate(1500, seed=11)
 FORMING = 1000  # index of the 1-minute candle forming at NOW
 NOW = START + FORMING * 60 + 30
 WINDOW = 720
-
-
-class SleepRecorder:
-    """The client's ``sleep``: records each delay and lets it pass on the simulated clock."""
-
-    def __init__(self, clock: SimClock) -> None:
-        self.clock = clock
-        self.calls: list[float] = []
-
-    def __call__(self, seconds: float) -> None:
-        self.calls.append(seconds)
-        self.clock.sleep(seconds)
 
 
 @pytest.fixture

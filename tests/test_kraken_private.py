@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from conftest import SleepRecorder
 from fake_kraken_private import API_KEY, API_SECRET, FakeKrakenPrivate, expected_signature
 
 import kraken_private
@@ -52,18 +53,6 @@ CANDLES, _ = generate(240, seed=11)
 RULES = PairRules()  # XDGUSD: 7 price / 8 lot decimals, ordermin 50 DOGE, costmin 0.5 USD, maker fee 0.25 %
 QUOTE, BASE = 100.0, 1_500.0
 FILLS_AT_1 = RULES.round_price(CANDLES[1].low * 1.001, BUY)  # a buy that CANDLES[1] trades through
-
-
-class SleepRecorder:
-    """The client's ``sleep``: records each delay and lets it pass on the simulated clock."""
-
-    def __init__(self, clock: SimClock) -> None:
-        self.clock = clock
-        self.calls: list[float] = []
-
-    def __call__(self, seconds: float) -> None:
-        self.calls.append(seconds)
-        self.clock.sleep(seconds)
 
 
 @pytest.fixture
