@@ -17,7 +17,7 @@ import html
 import math
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from itertools import pairwise
 from pathlib import Path
@@ -301,13 +301,7 @@ def _svg(d: dict[str, Any]) -> str:
     all_equity = np.concatenate(list(d["equity"].values()))
     lo, hi = _padded_range(float(all_equity.min()), float(all_equity.max()))
     y_eq = _scale(lo, hi, EQUITY_TOP, EQUITY_HEIGHT)
-    parts.append('<g class="y-axis equity-axis" font-size="11" fill="#6a7683" text-anchor="end">')
-    step, ticks = _nice_ticks(lo, hi, 6)
-    for tick in ticks:
-        y = y_eq(tick)
-        parts.append(f'<line x1="{LEFT}" x2="{WIDTH - RIGHT}" y1="{y:.2f}" y2="{y:.2f}" stroke="#e2e7ed"/>')
-        parts.append(f'<text x="{LEFT - 6}" y="{y + 4:.2f}">{_tick_label(tick, step)}</text>')
-    parts.append("</g>")
+    parts.extend(_y_axis("equity-axis", lo, hi, 6, y_eq, "#e2e7ed"))
     parts.append(
         f'<text x="14" y="{EQUITY_TOP + EQUITY_HEIGHT / 2:.0f}" font-size="11" fill="#6a7683" text-anchor="middle" '
         f'transform="rotate(-90 14 {EQUITY_TOP + EQUITY_HEIGHT / 2:.0f})">equity ({html.escape(quote)})</text>'
@@ -325,13 +319,7 @@ def _svg(d: dict[str, Any]) -> str:
     # Price panel.
     plo, phi = _padded_range(float(d["price"].min()), float(d["price"].max()))
     y_px = _scale(plo, phi, PRICE_TOP, PRICE_HEIGHT)
-    parts.append('<g class="y-axis price-axis" font-size="11" fill="#6a7683" text-anchor="end">')
-    step, ticks = _nice_ticks(plo, phi, 3)
-    for tick in ticks:
-        y = y_px(tick)
-        parts.append(f'<line x1="{LEFT}" x2="{WIDTH - RIGHT}" y1="{y:.2f}" y2="{y:.2f}" stroke="#eef1f4"/>')
-        parts.append(f'<text x="{LEFT - 6}" y="{y + 4:.2f}">{_tick_label(tick, step)}</text>')
-    parts.append("</g>")
+    parts.extend(_y_axis("price-axis", plo, phi, 3, y_px, "#eef1f4"))
     parts.append(_frame(PRICE_TOP, PRICE_HEIGHT))
     parts.append(f'<text x="{LEFT + 4}" y="{PRICE_TOP - 4}" font-size="11" fill="#6a7683">price</text>')
     parts.append(
@@ -375,6 +363,18 @@ def _svg(d: dict[str, Any]) -> str:
     parts.append("</g>")
     parts.append("</svg>")
     return "\n".join(parts)
+
+
+def _y_axis(name: str, lo: float, hi: float, count: int, y_of: Callable[[float], float], grid: str) -> list[str]:
+    """A panel's y ticks: a grid line and a label at each nice value in [lo, hi]."""
+    out = [f'<g class="y-axis {name}" font-size="11" fill="#6a7683" text-anchor="end">']
+    step, ticks = _nice_ticks(lo, hi, count)
+    for tick in ticks:
+        y = y_of(tick)
+        out.append(f'<line x1="{LEFT}" x2="{WIDTH - RIGHT}" y1="{y:.2f}" y2="{y:.2f}" stroke="{grid}"/>')
+        out.append(f'<text x="{LEFT - 6}" y="{y + 4:.2f}">{_tick_label(tick, step)}</text>')
+    out.append("</g>")
+    return out
 
 
 def _frame(top: float, height: float) -> str:
