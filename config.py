@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 # probably a typo and is reported instead of silently ignored.
 OWN_PREFIXES = (
     "HMM_", "REGIME_", "OHLCV_", "KRAKEN_", "SIM_", "CONSENSUS_", "AI_", "GROQ_", "NVIDIA_", "GRID_", "PAPER_",
-    "LIVE_", "TRADES_",
+    "LIVE_", "TRADES_", "SUPABASE_",
 )  # fmt: skip
 LIVE_CONFIRMATION = "real-money"
 
@@ -58,6 +58,12 @@ class Settings:
     DB_PATH: str = _setting("data/bot.sqlite3", "SQLite store for the Kraken market (sim and replay use their own)")
     OHLCV_RETENTION_DAYS: int = _setting(
         14, "Prune stored candles older than this (never below the training target)", lo=1, hi=3650
+    )
+    SUPABASE_URL: str = _setting("", "Supabase project URL; with SUPABASE_KEY the store is Supabase, DB_PATH its mirror")
+    SUPABASE_KEY: str = _setting("", "Supabase service-role key (see db/supabase_schema.sql)", secret=True)
+    SUPABASE_TIMEOUT_SEC: float = _setting(5.0, "HTTP timeout of one Supabase request", lo=0.5, hi=60)
+    SUPABASE_RETRY_MAX_SEC: float = _setting(
+        60.0, "Longest wait between two attempts to send pending writes to Supabase", lo=1, hi=3600
     )
     # --- loop, server, logging ----------------------------------------------
     LOOP_INTERVAL_SEC: float = _setting(15.0, "Seconds between main-loop cycles", lo=1, hi=300)
@@ -361,6 +367,14 @@ def _cross_checks(s: Settings) -> list[str]:
     )
     need(bool(s.PAIR.strip()) and s.PAIR.isalnum(), f"PAIR={s.PAIR!r} is invalid: expected letters and digits")
     need(bool(s.DB_PATH.strip()), "DB_PATH is empty: expected a file path")
+    need(
+        bool(s.SUPABASE_URL) == bool(s.SUPABASE_KEY),
+        "SUPABASE_URL and SUPABASE_KEY go together: set both to store in Supabase, or neither for SQLite only",
+    )
+    need(
+        not s.SUPABASE_URL or s.SUPABASE_URL.startswith(("http://", "https://")),
+        f"SUPABASE_URL={s.SUPABASE_URL!r} is invalid: expected the project's https:// URL",
+    )
     need(
         s.AI_OVERRIDE_TTL_SEC <= s.AI_OVERRIDE_MAX_TTL_SEC,
         f"AI_OVERRIDE_TTL_SEC={s.AI_OVERRIDE_TTL_SEC:g} must be at most "

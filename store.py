@@ -4,7 +4,9 @@ Nothing outside this module (and the backend modules that implement
 :class:`Store`) knows which backend is active. Tables follow SPEC section 2:
 ``ohlcv_candles`` unique on ``(pair, interval_min, time)``, ``bot_state``
 holding the snapshot under one key, ``regime_tier_transitions``, and
-``ai_regime_opinions`` (SPEC section 6) unique on ``(pair, ts)``.
+``ai_regime_opinions`` (SPEC section 6) unique on ``(pair, ts)``, like the
+transitions, and ``fills`` unique on ``(pair, order_id)``: every write can be
+repeated without changing anything, which is what lets a remote store retry.
 """
 
 from __future__ import annotations
@@ -44,7 +46,8 @@ class Store(Protocol):
     def save_state(self, key: str, data: dict[str, Any], updated_at: float) -> None:
         """Replace the document under ``key`` atomically."""
 
-    def record_tier_transition(self, row: dict[str, Any]) -> None: ...
+    def record_tier_transition(self, row: dict[str, Any]) -> None:
+        """Write one tier transition (idempotent on ``(pair, ts)``)."""
 
     def tier_transitions(self, pair: str, limit: int = 50) -> list[dict[str, Any]]:
         """The newest tier transitions, newest first."""
@@ -64,6 +67,10 @@ class Store(Protocol):
 
     def fills(self, pair: str, limit: int = 50) -> list[dict[str, Any]]:
         """The newest fills first."""
+        ...
+
+    def status(self) -> dict[str, Any]:
+        """The ``store`` block of the status payload: backend, ``ok``/``degraded``, pending writes, last error."""
         ...
 
     def close(self) -> None: ...
@@ -102,7 +109,7 @@ CREATE TABLE IF NOT EXISTS regime_tier_transitions (
     bias_signal REAL,
     shadow INTEGER NOT NULL DEFAULT 0
 );
-CREATE INDEX IF NOT EXISTS regime_tier_transitions_pair_ts ON regime_tier_transitions (pair, ts);
+CREATE UNIQUE INDEX IF NOT EXISTS regime_tier_transitions_pair_ts_key ON regime_tier_transitions (pair, ts);
 CREATE TABLE IF NOT EXISTS ai_regime_opinions (
     pair TEXT NOT NULL,
     ts REAL NOT NULL,
@@ -192,6 +199,32 @@ TRANSITION_COLUMNS = (
 )
 
 
+def store_status(
+    backend: str,
+    path: str,
+    *,
+    degraded: bool = False,
+    pending_writes: int = 0,
+    rejected_writes: int = 0,
+    last_error: str | None = None,
+    last_error_at: float | None = None,
+    degraded_since: float | None = None,
+    last_remote_write_at: float | None = None,
+) -> dict[str, Any]:
+    """The ``store`` status block (README, "Status payload")."""
+    return {
+        "backend": backend,
+        "state": "degraded" if degraded else "ok",
+        "local_path": path,
+        "pending_writes": pending_writes,
+        "rejected_writes": rejected_writes,
+        "last_error": last_error,
+        "last_error_at": last_error_at,
+        "degraded_since": degraded_since,
+        "last_remote_write_at": last_remote_write_at,
+    }
+
+
 @contextmanager
 def _faults(what: str) -> Iterator[None]:
     """Runtime database faults become :class:`RetryLater`; misuse (a bug) is not masked."""
@@ -201,6 +234,19 @@ def _faults(what: str) -> Iterator[None]:
         raise
     except sqlite3.Error as exc:
         raise RetryLater(f"store: {what} failed: {exc}") from exc
+
+
+def _upgrade(conn: sqlite3.Connection) -> None:
+    """Bring a file written by an older version up to :data:`SCHEMA` (before it runs)."""
+    indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    if "regime_tier_transitions_pair_ts" in indexes:  # transitions became unique on (pair, ts)
+        with conn:
+            conn.execute("BEGIN")
+            conn.execute(
+                "DELETE FROM regime_tier_transitions WHERE id NOT IN "
+                "(SELECT MIN(id) FROM regime_tier_transitions GROUP BY pair, ts)"
+            )
+            conn.execute("DROP INDEX regime_tier_transitions_pair_ts")
 
 
 class SQLiteStore:
@@ -223,10 +269,21 @@ class SQLiteStore:
                 if mode.lower() != "wal":
                     raise ConfigError(f"store {self.path}: cannot enable WAL mode (got {mode})")
             self._conn.execute("PRAGMA synchronous=NORMAL")
+            _upgrade(self._conn)
             self._conn.executescript(SCHEMA)
         except sqlite3.DatabaseError as exc:
             raise ConfigError(f"cannot open the store at {self.path}: {exc}") from exc
         self._lock = threading.Lock()
+
+    @contextmanager
+    def _transaction(self, what: str) -> Iterator[sqlite3.Connection]:
+        """One write: committed whole or not at all."""
+        with _faults(what), self._lock, self._conn:
+            self._conn.execute("BEGIN")
+            yield self._conn
+
+    def _written(self, conn: sqlite3.Connection, op: str, args: tuple[Any, ...]) -> None:
+        """Called inside every write's transaction with what was written (a mirror queues it for its remote)."""
 
     # candles ----------------------------------------------------------------
 
@@ -234,15 +291,15 @@ class SQLiteStore:
         if not candles:
             return
         rows = [(pair, interval_min, *c) for c in candles]
-        with _faults("writing candles"), self._lock, self._conn:
-            self._conn.execute("BEGIN")
-            self._conn.executemany(
+        with self._transaction("writing candles") as conn:
+            conn.executemany(
                 "INSERT INTO ohlcv_candles (pair, interval_min, time, open, high, low, close, volume, trade_count) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT (pair, interval_min, time) DO UPDATE SET open=excluded.open, high=excluded.high, "
                 "low=excluded.low, close=excluded.close, volume=excluded.volume, trade_count=excluded.trade_count",
                 rows,
             )
+            self._written(conn, "candles", (pair, interval_min, list(candles)))
 
     def load_candles(self, pair: str, interval_min: int, limit: int) -> list[Candle]:
         if limit <= 0:
@@ -263,9 +320,9 @@ class SQLiteStore:
             ).fetchone()[0]
 
     def prune_candles(self, pair: str, interval_min: int, *, older_than: int, keep_newest: int) -> int:
-        with _faults("pruning candles"), self._lock, self._conn:
-            self._conn.execute("BEGIN")
-            floor = self._conn.execute(
+        with self._transaction("pruning candles") as conn:
+            self._written(conn, "prune", (pair, interval_min, older_than, keep_newest))
+            floor = conn.execute(
                 "SELECT time FROM ohlcv_candles WHERE pair = ? AND interval_min = ? "
                 "ORDER BY time DESC LIMIT 1 OFFSET ?",
                 (pair, interval_min, max(keep_newest - 1, 0)),
@@ -273,7 +330,7 @@ class SQLiteStore:
             if floor is None:
                 return 0
             cutoff = min(older_than, floor[0])
-            return self._conn.execute(
+            return conn.execute(
                 "DELETE FROM ohlcv_candles WHERE pair = ? AND interval_min = ? AND time < ?",
                 (pair, interval_min, cutoff),
             ).rowcount
@@ -281,8 +338,13 @@ class SQLiteStore:
     # state ------------------------------------------------------------------
 
     def load_state(self, key: str) -> dict[str, Any] | None:
+        entry = self.load_state_entry(key)
+        return None if entry is None else entry[0]
+
+    def load_state_entry(self, key: str) -> tuple[dict[str, Any], float] | None:
+        """The document under ``key`` and when it was saved (not part of :class:`Store`)."""
         with _faults("reading the state"), self._lock:
-            row = self._conn.execute("SELECT data FROM bot_state WHERE key = ?", (key,)).fetchone()
+            row = self._conn.execute("SELECT data, updated_at FROM bot_state WHERE key = ?", (key,)).fetchone()
         if row is None:
             return None
         try:
@@ -290,27 +352,29 @@ class SQLiteStore:
         except json.JSONDecodeError:
             log.error("bot_state %r is not valid JSON; ignoring it", key)
             return None
-        return data if isinstance(data, dict) else None
+        return (data, float(row[1])) if isinstance(data, dict) else None
 
     def save_state(self, key: str, data: dict[str, Any], updated_at: float) -> None:
         text = json.dumps(data, separators=(",", ":"), allow_nan=False)
-        with _faults("saving the state"), self._lock, self._conn:
-            self._conn.execute(
+        with self._transaction("saving the state") as conn:
+            conn.execute(
                 "INSERT INTO bot_state (key, data, updated_at) VALUES (?, ?, ?) "
                 "ON CONFLICT (key) DO UPDATE SET data = excluded.data, updated_at = excluded.updated_at",
                 (key, text, updated_at),
             )
+            self._written(conn, "state", (key, data, updated_at))
 
     # events -----------------------------------------------------------------
 
     def record_tier_transition(self, row: dict[str, Any]) -> None:
         values = tuple(row.get(c) for c in TRANSITION_COLUMNS)
-        with _faults("recording a tier transition"), self._lock, self._conn:
-            self._conn.execute(
+        with self._transaction("recording a tier transition") as conn:
+            conn.execute(
                 f"INSERT INTO regime_tier_transitions ({', '.join(TRANSITION_COLUMNS)}) "
-                f"VALUES ({', '.join('?' for _ in TRANSITION_COLUMNS)})",
+                f"VALUES ({', '.join('?' for _ in TRANSITION_COLUMNS)}) ON CONFLICT (pair, ts) DO NOTHING",
                 values,
             )
+            self._written(conn, "transition", (dict(zip(TRANSITION_COLUMNS, values, strict=True)),))
 
     def tier_transitions(self, pair: str, limit: int = 50) -> list[dict[str, Any]]:
         with _faults("reading tier transitions"), self._lock:
@@ -323,19 +387,21 @@ class SQLiteStore:
 
     def record_ai_opinion(self, row: dict[str, Any]) -> None:
         values = tuple(row.get(c) for c in OPINION_COLUMNS)
-        with _faults("recording an AI opinion"), self._lock, self._conn:
-            self._conn.execute(
+        with self._transaction("recording an AI opinion") as conn:
+            conn.execute(
                 f"INSERT INTO ai_regime_opinions ({', '.join(OPINION_COLUMNS)}) "
                 f"VALUES ({', '.join('?' for _ in OPINION_COLUMNS)}) ON CONFLICT (pair, ts) DO NOTHING",
                 values,
             )
+            self._written(conn, "opinion", (dict(zip(OPINION_COLUMNS, values, strict=True)),))
 
     def record_ai_opinion_outcome(self, pair: str, ts: float, *, price_after: float, hit: bool) -> None:
-        with _faults("scoring an AI opinion"), self._lock, self._conn:
-            self._conn.execute(
+        with self._transaction("scoring an AI opinion") as conn:
+            conn.execute(
                 "UPDATE ai_regime_opinions SET price_after = ?, hit = ? WHERE pair = ? AND ts = ?",
                 (price_after, int(hit), pair, ts),
             )
+            self._written(conn, "opinion_outcome", (pair, ts, price_after, hit))
 
     def ai_opinions(self, pair: str, limit: int = 50) -> list[dict[str, Any]]:
         columns = (*OPINION_COLUMNS, "price_after", "hit")
@@ -351,12 +417,13 @@ class SQLiteStore:
 
     def record_fill(self, row: dict[str, Any]) -> None:
         values = tuple(row.get(c) for c in FILL_COLUMNS)
-        with _faults("recording a fill"), self._lock, self._conn:
-            self._conn.execute(
+        with self._transaction("recording a fill") as conn:
+            conn.execute(
                 f"INSERT INTO fills ({', '.join(FILL_COLUMNS)}) VALUES ({', '.join('?' for _ in FILL_COLUMNS)}) "
                 "ON CONFLICT (pair, order_id) DO NOTHING",
                 values,
             )
+            self._written(conn, "fill", (dict(zip(FILL_COLUMNS, values, strict=True)),))
 
     def fills(self, pair: str, limit: int = 50) -> list[dict[str, Any]]:
         with _faults("reading fills"), self._lock:
@@ -365,6 +432,9 @@ class SQLiteStore:
                 (pair, limit),
             )
             return [dict(zip(FILL_COLUMNS, r, strict=True)) for r in cur.fetchall()]
+
+    def status(self) -> dict[str, Any]:
+        return store_status("sqlite", self.path)
 
     def close(self) -> None:
         with self._lock:

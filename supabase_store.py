@@ -11,8 +11,8 @@ The contract is exactly :class:`store.SQLiteStore`'s: same tables and columns
   one transaction: after a failure the earlier ones have landed and the caller
   simply sends everything again. Opinions and fills are inserted with
   ``resolution=ignore-duplicates`` on their keys, the snapshot upserted on
-  ``key``. Tier transitions have no natural key (SQLite's table has none), so
-  a transition whose answer was lost may be recorded twice if the caller retries it.
+  ``key``. Tier transitions are unique on ``(pair, ts)`` and inserted the
+  same way as opinions.
 - **Paged loads.** Supabase answers at most ``db-max-rows`` (1000 by default)
   rows per request whatever ``limit`` asks. :meth:`SupabaseStore.load_candles`
   reads newest first in pages of ``page_size`` using the time of the oldest
@@ -43,6 +43,7 @@ import json
 import logging
 import re
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -53,7 +54,7 @@ from supabase import ClientOptions, create_client
 
 from candles import Candle
 from errors import BadData, ConfigError, RetryLater
-from store import FILL_COLUMNS, OPINION_COLUMNS, SCHEMA, TRANSITION_COLUMNS
+from store import FILL_COLUMNS, OPINION_COLUMNS, SCHEMA, TRANSITION_COLUMNS, store_status
 
 log = logging.getLogger(__name__)
 
@@ -277,12 +278,16 @@ class SupabaseStore:
             with self._faults("writing candles"):
                 self._table(CANDLES).upsert(batch, on_conflict=CANDLE_KEY, returning="minimal").execute()
 
-    def load_candles(self, pair: str, interval_min: int, limit: int) -> list[Candle]:
+    def load_candles(self, pair: str, interval_min: int, limit: int, *, deadline: float | None = None) -> list[Candle]:
+        """The newest ``limit`` candles, oldest first. With ``deadline`` (a ``time.monotonic()``
+        value) a load still paging when it passes raises :class:`RetryLater` instead of going on."""
         if limit <= 0:
             return []
         rows: list[dict[str, Any]] = []
         largest_page = 0
         while len(rows) < limit:
+            if rows and deadline is not None and time.monotonic() > deadline:
+                raise RetryLater(f"store: reading candles failed: Supabase too slow ({len(rows)} rows so far)")
             want = min(self.page_size, limit - len(rows))
             query = (
                 self._table(CANDLES).select(",".join(CANDLE_COLUMNS)).eq("pair", pair).eq("interval_min", interval_min)
@@ -349,9 +354,15 @@ class SupabaseStore:
     # state ------------------------------------------------------------------------
 
     def load_state(self, key: str) -> dict[str, Any] | None:
+        entry = self.load_state_entry(key)
+        return None if entry is None else entry[0]
+
+    def load_state_entry(self, key: str) -> tuple[dict[str, Any], float] | None:
+        """The document under ``key`` and when it was saved (not part of :class:`store.Store`)."""
         with self._faults("reading the state"):
             rows = self._rows(
-                self._table(STATE).select("data").eq("key", key).limit(1).execute().data, "reading the state"
+                self._table(STATE).select("data,updated_at").eq("key", key).limit(1).execute().data,
+                "reading the state",
             )
         if not rows:
             return None
@@ -362,7 +373,7 @@ class SupabaseStore:
             except json.JSONDecodeError:
                 log.error("bot_state %r is not valid JSON; ignoring it", key)
                 return None
-        return data if isinstance(data, dict) else None
+        return (data, float(rows[0].get("updated_at") or 0.0)) if isinstance(data, dict) else None
 
     def save_state(self, key: str, data: dict[str, Any], updated_at: float) -> None:
         # Serialised first, exactly as SQLite's store does: NaN raises ValueError before anything is sent.
@@ -395,7 +406,9 @@ class SupabaseStore:
     def record_tier_transition(self, row: dict[str, Any]) -> None:
         values = {c: row.get(c) for c in TRANSITION_COLUMNS}
         with self._faults("recording a tier transition"):
-            self._table(TRANSITIONS).insert(values, returning="minimal").execute()
+            self._table(TRANSITIONS).upsert(
+                values, on_conflict="pair,ts", ignore_duplicates=True, returning="minimal"
+            ).execute()
 
     def tier_transitions(self, pair: str, limit: int = 50) -> list[dict[str, Any]]:
         return self._newest(TRANSITIONS, TRANSITION_COLUMNS, pair, ("id",), limit, "reading tier transitions")
@@ -433,6 +446,9 @@ class SupabaseStore:
 
     def fills(self, pair: str, limit: int = 50) -> list[dict[str, Any]]:
         return self._newest(FILLS, FILL_COLUMNS, pair, ("ts", "order_id"), limit, "reading fills")
+
+    def status(self) -> dict[str, Any]:
+        return store_status("supabase", self.url)
 
     def close(self) -> None:
         self._http.close()

@@ -51,7 +51,14 @@ create table if not exists public.regime_tier_transitions (
     shadow integer not null default 0
 );
 
-create index if not exists regime_tier_transitions_pair_ts on public.regime_tier_transitions (pair, ts);
+-- One transition per pair and time, so a retried write cannot record it twice.
+-- (A project set up before this rule: duplicates are dropped, the old index replaced.)
+delete from public.regime_tier_transitions a
+    using public.regime_tier_transitions b
+    where a.pair = b.pair and a.ts = b.ts and a.id > b.id;
+drop index if exists public.regime_tier_transitions_pair_ts;
+create unique index if not exists regime_tier_transitions_pair_ts_key
+    on public.regime_tier_transitions (pair, ts);
 
 create table if not exists public.ai_regime_opinions (
     pair text not null,

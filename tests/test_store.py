@@ -8,7 +8,7 @@ from fake_postgrest import FakePostgrest
 
 from candles import Candle
 from errors import ConfigError, RetryLater
-from store import SQLiteStore
+from store import SCHEMA, SQLiteStore
 from supabase_store import SupabaseStore
 
 PAIR = "XDGUSD"
@@ -120,6 +120,40 @@ def test_tier_transitions_are_recorded_newest_first(store):
     assert [r["reason"] for r in rows] == ["r2", "r1", "r0"]
     assert rows[0]["to_tier"] == 3 and rows[0]["effective_confidence"] == 0.4
     assert store.tier_transitions("XBTUSD") == []
+
+
+def test_a_tier_transition_written_twice_is_kept_once(store):
+    row = {
+        "ts": 100.0, "pair": PAIR, "from_tier": 0, "to_tier": 1, "from_direction": "symmetric",
+        "to_direction": "long_bias", "reason": "r", "regime": "BULLISH", "raw_confidence": 0.5,
+        "effective_confidence": 0.4, "bias_signal": 0.3, "shadow": 0,
+    }  # fmt: skip
+    store.record_tier_transition(row)
+    store.record_tier_transition({**row, "reason": "again"})
+    assert [r["reason"] for r in store.tier_transitions(PAIR)] == ["r"]
+
+
+def test_an_older_file_with_repeated_transitions_is_upgraded(tmp_path):
+    path = tmp_path / "old.sqlite3"
+    conn = sqlite3.connect(path)
+    conn.executescript(SCHEMA.replace(
+        "CREATE UNIQUE INDEX IF NOT EXISTS regime_tier_transitions_pair_ts_key",
+        "CREATE INDEX IF NOT EXISTS regime_tier_transitions_pair_ts",
+    ))  # fmt: skip
+    for reason in ("first", "repeat after a crash"):
+        conn.execute(
+            "INSERT INTO regime_tier_transitions (ts, pair, from_tier, to_tier, from_direction, to_direction, reason) "
+            "VALUES (5.0, ?, 0, 1, 'symmetric', 'long_bias', ?)",
+            (PAIR, reason),
+        )
+    conn.commit()
+    conn.close()
+    store = SQLiteStore(path)
+    assert [r["reason"] for r in store.tier_transitions(PAIR)] == ["first"]
+    store.record_tier_transition({"ts": 5.0, "pair": PAIR, "from_tier": 0, "to_tier": 1, "from_direction": "s",
+                                  "to_direction": "l", "reason": "third", "shadow": 0})  # fmt: skip
+    assert len(store.tier_transitions(PAIR)) == 1
+    store.close()
 
 
 def test_sqlite_file_is_wal_and_survives_reopening(tmp_path):
