@@ -24,6 +24,7 @@ from typing import Any
 from threadpoolctl import threadpool_limits
 
 import dashboard
+import store_migration
 from bot import SIM_DB_DEFAULT, Bot, Runner
 from candles import MarketData, read_candles_csv
 from clock import SimClock, WallClock
@@ -35,6 +36,7 @@ from kraken_client import KrakenPublicClient
 from kraken_exchange import KrakenExchange
 from kraken_private import KrakenPrivateClient, NonceSource
 from market_sim import SimulatedMarket
+from mirrored_store import open_store
 from replay import ReplayMarket, replay_report, strategies_report
 from replay_plot import write_plot
 from store import SQLiteStore, Store
@@ -72,6 +74,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="real orders on Kraken's live market (needs KRAKEN_API_KEY, KRAKEN_API_SECRET and "
         "LIVE_TRADING_CONFIRM=real-money)",
+    )
+    mode.add_argument(
+        "--migrate-to-supabase",
+        action="store_true",
+        help="copy the SQLite store at DB_PATH (or --db) into Supabase (SUPABASE_URL, SUPABASE_KEY) "
+        "with progress, then exit; safe to run again",
     )
     p.add_argument("--host", help="address to serve the dashboard/API on (HTTP_HOST, default 127.0.0.1)")
     p.add_argument("--port", help="port of the dashboard/API (HTTP_PORT, default 8080; 0 = any free port)")
@@ -124,8 +132,8 @@ def build_app(args: argparse.Namespace, settings: Settings, stop_event: threadin
         sim = SimulatedMarket(clock, seed=s.SIM_SEED, start=s.SIM_START)
         market, truth, mode = sim, sim.current_truth, "sim"
     else:
-        store = SQLiteStore(args.db or s.DB_PATH)
         clock = WallClock(stop_event)
+        store = open_store(s, clock.now, args.db or s.DB_PATH)
         market = KrakenPublicClient(
             s.KRAKEN_API_URL,
             s.PAIR,
@@ -228,7 +236,7 @@ def run(argv: list[str] | None = None) -> int:
         "SIM_SEED": args.seed,
         "LOG_LEVEL": args.log_level,
     }
-    if args.db and not args.replay and args.market == "kraken":
+    if args.db and not args.replay and args.market == "kraken":  # also --migrate-to-supabase
         overrides["DB_PATH"] = args.db
     try:
         settings = load_settings(overrides, env_file=args.env_file)
@@ -239,6 +247,8 @@ def run(argv: list[str] | None = None) -> int:
         level=settings.LOG_LEVEL, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", stream=sys.stderr
     )
     logging.getLogger("hmmlearn").setLevel(logging.ERROR)
+    if args.migrate_to_supabase:
+        return store_migration.run(settings, settings.DB_PATH, sys.stdout)
 
     # The HTTP threads wait for the GIL while the loop computes: a shorter switch
     # interval, and no BLAS/OpenMP worker threads (the matrices are tiny) competing

@@ -524,6 +524,7 @@ class Bot:
             "ai_regime_advisor": None,  # filled by advisor_view
             "grid": self.grid.status_block(now),
             "trades_backfill": self.backfill.status() if self.backfill is not None else NO_BACKFILL,
+            "store": self.store.status(),
             "sim": {"true_regime": self._truth()} if self._truth else None,
             "health": {
                 "ok": age is not None

@@ -59,7 +59,9 @@ class Settings:
     OHLCV_RETENTION_DAYS: int = _setting(
         14, "Prune stored candles older than this (never below the training target)", lo=1, hi=3650
     )
-    SUPABASE_URL: str = _setting("", "Supabase project URL; with SUPABASE_KEY the store is Supabase, DB_PATH its mirror")
+    SUPABASE_URL: str = _setting(
+        "", "Supabase project URL; with SUPABASE_KEY the store is Supabase, DB_PATH its mirror"
+    )
     SUPABASE_KEY: str = _setting("", "Supabase service-role key (see db/supabase_schema.sql)", secret=True)
     SUPABASE_TIMEOUT_SEC: float = _setting(5.0, "HTTP timeout of one Supabase request", lo=0.5, hi=60)
     SUPABASE_RETRY_MAX_SEC: float = _setting(

@@ -201,7 +201,7 @@ TRANSITION_COLUMNS = (
 
 def store_status(
     backend: str,
-    path: str,
+    path: str | None,
     *,
     degraded: bool = False,
     pending_writes: int = 0,

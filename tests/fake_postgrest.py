@@ -35,7 +35,8 @@ What it speaks, as PostgREST 12 does:
   found``, as Supabase's gateway answers) and ``Authorization: Bearer <key>``
   (401 ``PGRST301``).
 
-Failures are injected with :meth:`FakePostgrest.fail_next`: ``http_500``,
+Failures are injected with :meth:`FakePostgrest.fail_next`: ``http_400`` (a
+row the database refuses, ``23514``), ``http_500``,
 ``http_502`` (an HTML gateway page), ``http_503``, ``http_429`` (with
 ``Retry-After``), ``slow`` (wait ``delay`` seconds, then answer normally: a
 write the client gave up on still lands, as it may on a real server) and
@@ -77,11 +78,14 @@ JSON_COLUMNS = {"bot_state": frozenset({"data"})}  # jsonb in Postgres, text in 
 MAX_BODY_BYTES = 16 * 1024 * 1024
 RESERVED_PARAMS = frozenset({"select", "order", "limit", "offset", "on_conflict", "columns"})
 OPERATORS = {"eq": "=", "neq": "<>", "gt": ">", "gte": ">=", "lt": "<", "lte": "<="}
-HTTP_FAILURES = {"http_500": 500, "http_502": 502, "http_503": 503, "http_429": 429}
+HTTP_FAILURES = {"http_400": 400, "http_500": 500, "http_502": 502, "http_503": 503, "http_429": 429}
 FAIL_KINDS = frozenset({*HTTP_FAILURES, "slow", "drop"})
 SINGULAR_TYPE = "application/vnd.pgrst.object+json"
 JSON_TYPE = "application/json; charset=utf-8"
-REASONS = {429: "Too Many Requests", 500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable"}
+REASONS = {
+    400: "Bad Request", 429: "Too Many Requests", 500: "Internal Server Error", 502: "Bad Gateway",
+    503: "Service Unavailable",
+}  # fmt: skip
 
 Response = tuple[int, dict[str, str], bytes]
 
@@ -291,6 +295,9 @@ def failure_response(failure: Failure) -> Response:
         title = f"{status} {REASONS[status]}"
         body = f"<html><head><title>{title}</title></head><body><h1>{title}</h1></body></html>".encode()
         return status, {"Content-Type": "text/html", **extra}, body
+    if status == 400:  # the database refused the row (a check constraint the operator added, say)
+        payload = {"code": "23514", "details": None, "hint": None, "message": "new row violates check constraint"}
+        return _json(status, payload, extra)
     code = "PGRST000" if status == 503 else ""
     payload = {"code": code or str(status), "details": None, "hint": None, "message": REASONS[status]}
     return _json(status, payload, extra)

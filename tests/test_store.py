@@ -8,6 +8,7 @@ from fake_postgrest import FakePostgrest
 
 from candles import Candle
 from errors import ConfigError, RetryLater
+from mirrored_store import LocalMirror, MirroredStore
 from store import SCHEMA, SQLiteStore
 from supabase_store import SupabaseStore
 
@@ -25,17 +26,63 @@ def postgrest():
         yield fake
 
 
-@pytest.fixture(params=["sqlite-file", "sqlite-memory", "supabase", "supabase-capped"])
+WRITES = (
+    "upsert_candles", "prune_candles", "save_state", "record_tier_transition", "record_ai_opinion",
+    "record_ai_opinion_outcome", "record_fill",
+)  # fmt: skip
+TABLES = ("ohlcv_candles", "bot_state", "regime_tier_transitions", "ai_regime_opinions", "fills")
+
+
+def send_every_write(store: MirroredStore) -> None:
+    """Flush after each write, so the contract also runs through Supabase's side of the mirror."""
+
+    def sending(write):
+        def write_and_send(*args, **kwargs):
+            result = write(*args, **kwargs)
+            assert store.flush(), store.status()
+            return result
+
+        return write_and_send
+
+    for name in WRITES:
+        setattr(store, name, sending(getattr(store, name)))
+
+
+def local_rows(path, table: str) -> int:
+    with sqlite3.connect(path) as conn:
+        return conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
+
+
+@pytest.fixture(
+    params=["sqlite-file", "sqlite-memory", "supabase", "supabase-capped", "mirrored-pending", "mirrored-sent"]
+)
 def store(request, tmp_path):
-    if request.param.startswith("supabase"):
+    """Every backend. ``mirrored-pending``: Supabase with its local mirror and every write still in
+    the outbox; ``mirrored-sent``: each write sent at once (and both sides compared at the end)."""
+    fake = None
+    if request.param.startswith(("supabase", "mirrored")):
         fake = request.getfixturevalue("postgrest")
         fake.reset()
         # "capped": the server answers at most 7 rows per request, so every multi-row read pages.
-        fake.max_rows = 7 if request.param == "supabase-capped" else 1000
+        fake.max_rows = 7 if request.param in ("supabase-capped", "mirrored-sent") else 1000
+    if request.param.startswith("supabase"):
         s = SupabaseStore(fake.url, fake.key)
+    elif request.param.startswith("mirrored"):
+        s = MirroredStore(
+            LocalMirror(tmp_path / "mirror.sqlite3"),
+            SupabaseStore(fake.url, fake.key),
+            SupabaseStore(fake.url, fake.key),
+            now=lambda: 1_000_000.0,
+        )
+        if request.param == "mirrored-sent":
+            send_every_write(s)
     else:
         s = SQLiteStore(tmp_path / "store.sqlite3" if request.param == "sqlite-file" else ":memory:")
     yield s
+    if request.param == "mirrored-sent":
+        assert s.status()["pending_writes"] == 0 and s.status()["state"] == "ok"
+        for table in TABLES:  # Supabase holds exactly what the mirror holds
+            assert len(fake.rows(table)) == local_rows(tmp_path / "mirror.sqlite3", table), table
     s.close()
 
 
