@@ -223,3 +223,77 @@ def test_a_fresh_paper_bot_reaches_full_depth_from_trades_in_seconds(tmp_path, b
         pages = [r for r in fake.requests if r["path"] == "/0/public/Trades"]
         assert len(pages) == st["trades_backfill"]["requests"] >= 5
         assert p.terminate() == 0
+
+
+def test_a_supabase_outage_never_stops_the_bot_and_a_restart_during_it_restores_from_the_mirror(tmp_path, bot_process):
+    """SUPABASE_URL/KEY point at a local PostgREST-protocol server that goes away twice."""
+    import sqlite3
+    import time
+
+    from fake_kraken import FakeKraken
+    from fake_postgrest import FakePostgrest
+
+    from market_sim import generate
+
+    first = int(time.time() // 60 * 60) - 2000 * 60
+    candles, _ = generate(2100, seed=23, start=first)
+    db = tmp_path / "paper.sqlite3"
+    with FakeKraken(candles, now=time.time) as kraken, FakePostgrest() as supabase:
+        env = {
+            "KRAKEN_API_URL": kraken.url,
+            "SUPABASE_URL": supabase.url,
+            "SUPABASE_KEY": supabase.key,
+            "SUPABASE_RETRY_MAX_SEC": "1",
+            "LOOP_INTERVAL_SEC": "1",
+            "STATE_SNAPSHOT_INTERVAL_SEC": "5",
+            "HMM_SECONDARY_ENABLED": "false",
+            "TRADES_BACKFILL_ENABLED": "false",
+        }
+        args = ["--port", "0", "--db", str(db), "--log-level", "INFO"]
+
+        def landed(s: dict) -> bool:
+            store = s["store"]
+            return store["state"] == "ok" and store["pending_writes"] == 0 and store["last_remote_write_at"]
+
+        def degraded(s: dict) -> bool:
+            return s["store"]["state"] == "degraded" and s["store"]["pending_writes"] > 0
+
+        p = bot_process(args, env=env)
+        p.wait_ready()
+        st = p.wait_status(lambda s: s["hmm"]["primary"]["trained"] and landed(s), timeout=60)
+        assert st["store"]["backend"] == "supabase" and st["store"]["local_path"] == str(db)
+        assert len(supabase.rows("ohlcv_candles")) == 719
+
+        supabase.stop()
+        st = p.wait_status(degraded, timeout=30)
+        assert "ConnectError" in st["store"]["last_error"]
+        cycles = st["health"]["cycles"]
+        st = p.wait_status(lambda s: s["health"]["cycles"] >= cycles + 3 and degraded(s), timeout=30)
+        assert p.request("GET", "/healthz")[0] == 200
+        assert st["grid"]["open_orders"], "the grid trades on"
+
+        supabase.start()
+        p.wait_status(landed, timeout=30)
+        assert len(supabase.rows("ohlcv_candles")) == 719  # each candle once
+
+        supabase.stop()  # the second outage, and a restart during it
+        p.wait_status(degraded, timeout=30)
+        assert p.terminate() == 0
+        assert "wait for Supabase" in p.output
+        with sqlite3.connect(db) as conn:
+            (snapshot,) = conn.execute("SELECT data FROM bot_state WHERE key = 'snapshot:XDGUSD'").fetchone()
+        orders = sorted(o["id"] for o in json.loads(snapshot)["grid"]["engine"]["orders"])
+
+        again = bot_process(args, env=env)
+        again.wait_ready()
+        st = again.get_json("/api/status")[1]
+        assert st["store"]["state"] == "degraded"
+        assert sorted(o["id"] for o in st["grid"]["open_orders"]) == orders  # restored from the mirror
+        assert "model restored from the snapshot" in again.output
+        supabase.start()
+        again.wait_status(landed, timeout=30)
+        assert again.terminate() == 0  # with Supabase up, the final snapshot is sent before the exit
+        with sqlite3.connect(db) as conn:
+            (snapshot,) = conn.execute("SELECT data FROM bot_state WHERE key = 'snapshot:XDGUSD'").fetchone()
+            assert conn.execute("SELECT COUNT(*) FROM store_outbox").fetchone() == (0,)
+        assert supabase.rows("bot_state")[0]["data"] == json.loads(snapshot)
