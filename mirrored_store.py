@@ -64,6 +64,7 @@ CREATE TABLE IF NOT EXISTS store_outbox (
 SEND_BATCH_OPS = 200  # outbox rows read per round
 MAX_CANDLES_PER_SEND = 5000  # a run of candle writes is merged up to this many candles
 FIRST_RETRY_SEC = 1.0
+GATHER_SEC = 0.25  # the writer waits this long after a write before sending
 
 
 @dataclass(frozen=True)
@@ -412,10 +413,17 @@ class MirroredStore:
                 self._stop.wait(delay)  # backing off: new writes only join the queue
             else:
                 self._wake.wait()
+                # Let the cycle that wrote finish first, and gather what else it writes.
+                self._stop.wait(GATHER_SEC)
             self._wake.clear()
             if self._stop.is_set():
                 break
-            self.flush()
+            try:
+                self.flush()
+            except Exception as exc:  # a bug must not end the writer: report it and back off
+                log.exception("the Supabase writer failed")
+                self._failure = exc
+                self._failed(exc)
             delay = next_retry_delay(delay, self._failure, self.retry_max_sec)
 
     def start(self) -> None:

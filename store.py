@@ -380,7 +380,7 @@ class SQLiteStore:
         with _faults("reading tier transitions"), self._lock:
             cur = self._conn.execute(
                 f"SELECT {', '.join(TRANSITION_COLUMNS)} FROM regime_tier_transitions "
-                "WHERE pair = ? ORDER BY id DESC LIMIT ?",
+                "WHERE pair = ? ORDER BY ts DESC, id DESC LIMIT ?",
                 (pair, limit),
             )
             return [dict(zip(TRANSITION_COLUMNS, r, strict=True)) for r in cur.fetchall()]

@@ -411,7 +411,7 @@ class SupabaseStore:
             ).execute()
 
     def tier_transitions(self, pair: str, limit: int = 50) -> list[dict[str, Any]]:
-        return self._newest(TRANSITIONS, TRANSITION_COLUMNS, pair, ("id",), limit, "reading tier transitions")
+        return self._newest(TRANSITIONS, TRANSITION_COLUMNS, pair, ("ts", "id"), limit, "reading tier transitions")
 
     def record_ai_opinion(self, row: dict[str, Any]) -> None:
         values = {c: row.get(c) for c in OPINION_COLUMNS}
