@@ -95,7 +95,7 @@ class LocalMirror(SQLiteStore):
                 self._conn.executescript(OUTBOX_SCHEMA)
         except sqlite3.DatabaseError as exc:
             raise ConfigError(f"cannot create the outbox in {self.path}: {exc}") from exc
-        self._pending = self._count_pending()
+        self._pending = -1  # unknown: counted when asked, and again after each change
 
     def _written(self, conn: sqlite3.Connection, op: str, args: tuple[Any, ...]) -> None:
         payload = json.dumps(args, separators=(",", ":"), allow_nan=False)
@@ -103,20 +103,17 @@ class LocalMirror(SQLiteStore):
             "INSERT OR REPLACE INTO store_outbox (op, merge_key, payload) VALUES (?, ?, ?)",
             (op, _merge_key(op, args), payload),
         )
-        self._pending = -1  # recounted when asked
-
-    def _count_pending(self) -> int:
-        with self._lock:
-            return self._conn.execute("SELECT COUNT(*) FROM store_outbox").fetchone()[0]
+        self._pending = -1  # under the store's lock, like every change of it
 
     def pending_count(self) -> int:
         """Writes not yet acknowledged by the remote."""
-        if self._pending < 0:
-            try:
-                self._pending = self._count_pending()
-            except sqlite3.Error:
-                return 0
-        return self._pending
+        with self._lock:
+            if self._pending < 0:
+                try:
+                    self._pending = self._conn.execute("SELECT COUNT(*) FROM store_outbox").fetchone()[0]
+                except sqlite3.Error:
+                    return 0
+            return self._pending
 
     def pending(self, limit: int) -> list[Pending]:
         """The oldest ``limit`` queued writes, in the order they were made."""
@@ -135,9 +132,9 @@ class LocalMirror(SQLiteStore):
             with self._lock, self._conn:
                 self._conn.execute("BEGIN")
                 self._conn.executemany("DELETE FROM store_outbox WHERE id = ?", [(i,) for i in ids])
+                self._pending = -1
         except sqlite3.Error as exc:
             raise RetryLater(f"store: updating the outbox failed: {exc}") from exc
-        self._pending = -1
 
 
 def _send(remote: SupabaseStore, op: str, args: list[Any]) -> None:

@@ -748,6 +748,10 @@ class FakePostgrest:
         self._stop.set()  # wakes every "slow" answer
         self._http.stop()
 
+    def drop_connections(self) -> int:
+        """Close the open (idle keep-alive) connections and go on serving; returns how many."""
+        return self._http.drop_connections()
+
     def close(self) -> None:
         self.stop()
         self.db.close()

@@ -57,6 +57,11 @@ class LoopbackServer:
     def running(self) -> bool:
         return self._server is not None
 
+    def drop_connections(self) -> int:
+        """Close every open connection and go on serving, as a server or proxy does with idle
+        keep-alive connections; returns how many there were."""
+        return 0 if self._server is None else _close_connections(self._server)
+
     def start(self) -> str:
         """Serve (again); the first start picks a free port, later ones reuse it."""
         if self._server is None:
@@ -73,12 +78,17 @@ class LoopbackServer:
         if server is None:
             return
         server.shutdown()
-        with server.sockets_lock:
-            open_sockets = list(server.open_sockets)
-        for sock in open_sockets:  # ends keep-alive connections idling in their threads
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
+        _close_connections(server)
         server.server_close()
         if self._thread is not None:
             self._thread.join(timeout=2.0)
             self._thread = None
+
+
+def _close_connections(server: _Server) -> int:
+    with server.sockets_lock:
+        open_sockets = list(server.open_sockets)
+    for sock in open_sockets:  # ends keep-alive connections idling in their threads
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+    return len(open_sockets)

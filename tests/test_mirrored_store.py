@@ -182,6 +182,16 @@ def test_a_failed_send_is_sent_again_without_duplicates(store, fake, kind):
     assert len(fake.rows("regime_tier_transitions")) == 1
 
 
+def test_idle_connections_the_server_closes_cost_nothing(store, fake):
+    for i in range(5):
+        store.upsert_candles(PAIR, 1, candles(1, start=T0 + 60 * i))
+        assert store.flush()
+        assert len(store.load_candles(PAIR, 1, 10)) == i + 1
+        assert fake.drop_connections() >= 1  # both clients' kept-alive connections, closed while idle
+    assert store.status()["state"] == "ok" and store.status()["last_error"] is None
+    assert remote_candles(fake) == [c.time for c in candles(5)]
+
+
 def test_a_write_whose_answer_was_lost_is_not_duplicated(fake, tmp_path, clock):
     store = mirrored(fake, tmp_path / "m.sqlite3", clock, timeout=0.3)
     try:
