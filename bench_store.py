@@ -94,18 +94,20 @@ def _cycle_times(make_store, minutes: int = 60) -> dict[str, float]:
         env_file=None,
     )
     with FakeKraken(history, now=clock.now) as kraken:
-        store: Store = make_store(clock)
+        store = _Timed(make_store(clock))
         market = KrakenPublicClient(kraken.url, PAIR, now=clock.now, sleep=clock.sleep, timeout=5.0, max_retries=0)
         bot = Bot(settings, mode="paper", clock=clock, market=market, store=store, truth=None, panel=None)
         bot.start()
         bot.tick()  # the first cycle syncs the whole window and trains
         clock.advance(15)
-        sync, other = [], []
+        sync, other, in_store = [], [], []
         for _ in range(minutes * 4):
+            store.spent = 0.0
             t = time.perf_counter()
             bot.tick()
             synced = bot.pipeline.state[1].last_sync_at == clock.now()
             (sync if synced else other).append((time.perf_counter() - t) * 1000)
+            in_store.append(store.spent * 1000)
             if synced:
                 time.sleep(0.4)
             clock.advance(15)
@@ -115,7 +117,32 @@ def _cycle_times(make_store, minutes: int = 60) -> dict[str, float]:
         "sync_p50": statistics.median(sync),
         "sync_p99": _percentile(sync, 0.99),
         "other_p50": statistics.median(other),
+        "store_per_minute": sum(in_store) / minutes,
+        "store_p99": _percentile(in_store, 0.99),
+        "store_max": max(in_store),
     }
+
+
+class _Timed:
+    """A store that adds up the time the loop spends in it (``spent``, seconds)."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self.spent = 0.0
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._store, name)
+        if not callable(attr):
+            return attr
+
+        def timed(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return attr(*args, **kwargs)
+            finally:
+                self.spent += time.perf_counter() - started
+
+        return timed
 
 
 def bench_loop(tmp: Path) -> dict[str, dict[str, float]]:
@@ -190,7 +217,9 @@ def main() -> int:
         for name, ms in bench_loop(Path(tmp)).items():
             print(
                 f"paper bot cycle, store {name}: with the 1m sync p50 {ms['sync_p50']:.2f} ms, "
-                f"p99 {ms['sync_p99']:.2f} ms; other cycles p50 {ms['other_p50']:.2f} ms"
+                f"p99 {ms['sync_p99']:.2f} ms; other cycles p50 {ms['other_p50']:.2f} ms; in store calls "
+                f"{ms['store_per_minute']:.3f} ms per simulated minute, p99 {ms['store_p99']:.3f} ms "
+                f"and max {ms['store_max']:.3f} ms per cycle"
             )
     return 0
 

@@ -98,7 +98,11 @@ class LocalMirror(SQLiteStore):
         self._pending = -1  # unknown: counted when asked, and again after each change
 
     def _written(self, conn: sqlite3.Connection, op: str, args: tuple[Any, ...]) -> None:
-        payload = json.dumps(args, separators=(",", ":"), allow_nan=False)
+        if op == "state":  # the document is already JSON text: not serialised twice
+            key, text, updated_at = args
+            payload = f"[{json.dumps(key)},{text},{json.dumps(updated_at)}]"
+        else:
+            payload = json.dumps(args, separators=(",", ":"), allow_nan=False)
         conn.execute(
             "INSERT OR REPLACE INTO store_outbox (op, merge_key, payload) VALUES (?, ?, ?)",
             (op, _merge_key(op, args), payload),

@@ -283,7 +283,10 @@ class SQLiteStore:
             yield self._conn
 
     def _written(self, conn: sqlite3.Connection, op: str, args: tuple[Any, ...]) -> None:
-        """Called inside every write's transaction with what was written (a mirror queues it for its remote)."""
+        """Called inside every write's transaction with what was written (a mirror queues it for its remote).
+
+        ``args`` are the method's arguments, except that a state document comes as its JSON text.
+        """
 
     # candles ----------------------------------------------------------------
 
@@ -362,7 +365,7 @@ class SQLiteStore:
                 "ON CONFLICT (key) DO UPDATE SET data = excluded.data, updated_at = excluded.updated_at",
                 (key, text, updated_at),
             )
-            self._written(conn, "state", (key, data, updated_at))
+            self._written(conn, "state", (key, text, updated_at))
 
     # events -----------------------------------------------------------------
 
