@@ -12,7 +12,7 @@ import threading
 import time
 
 import pytest
-from conftest import make_settings, run_ticks
+from conftest import StepClock, make_settings, run_ticks
 from fake_kraken import FakeKraken
 from fake_postgrest import FakePostgrest
 
@@ -51,14 +51,6 @@ def fill(order_id: str, ts: float) -> dict:
     }  # fmt: skip
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.t = 1_800_000_000.0
-
-    def __call__(self) -> float:
-        return self.t
-
-
 @pytest.fixture
 def fake():
     with FakePostgrest() as server:
@@ -66,11 +58,14 @@ def fake():
 
 
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
+def clock() -> StepClock:
+    """The status clock: unix seconds that move only when a test says so."""
+    c = StepClock()
+    c.t = 1_800_000_000.0
+    return c
 
 
-def mirrored(fake: FakePostgrest, path, clock: Clock, *, timeout: float = 5.0, key: str | None = None):
+def mirrored(fake: FakePostgrest, path, clock: StepClock, *, timeout: float = 5.0, key: str | None = None):
     key = key or fake.key
     return MirroredStore(
         LocalMirror(path),
