@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,13 +30,15 @@ from candles import MarketData, read_candles_csv
 from clock import SimClock, WallClock
 from config import Settings, live_problems, load_settings
 from errors import BadData, BotError, ConfigError, RetryLater
+from exchange import PairRules
 from grid_runner import GridRunner, grid_config, runner_settings
 from http_api import ActionRouter, ApiContext, ApiServer, StatusBoard
-from kraken_client import KrakenPublicClient
+from kraken_client import KrakenPublicClient, PairInfo, UnknownPair
 from kraken_exchange import KrakenExchange
 from kraken_private import KrakenPrivateClient, NonceSource
-from market_sim import SimulatedMarket
+from market_sim import SimParams, SimulatedMarket
 from mirrored_store import open_store
+from pair_rules import describe_rules, kraken_table_rules, replay_pair, sim_pair
 from replay import ReplayMarket, replay_report, strategies_report
 from replay_plot import write_plot
 from store import SQLiteStore, Store
@@ -86,6 +88,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--db", help="SQLite store path (DB_PATH for the kraken market)")
     p.add_argument("--speed", help="simulated seconds per wall second for --market sim, or 'max' (SIM_SPEED)")
     p.add_argument("--seed", help="simulator seed (SIM_SEED)")
+    p.add_argument(
+        "--pair",
+        metavar="NAME",
+        help="Kraken pair (PAIR), e.g. XBTUSD; with --replay, the built-in pair whose rules every replayed "
+        "file trades under (default: the pair the file name starts with, else rules from its prices)",
+    )
     p.add_argument("--report", metavar="PATH", help="replay report path (default: FILE.report.json)")
     p.add_argument(
         "--serve",
@@ -117,9 +125,13 @@ def build_app(args: argparse.Namespace, settings: Settings, stop_event: threadin
     replay_market = None
     backfill = None  # only Kraken serves trades
     grid = None  # the paper grid unless live
+    rules: PairRules | None = None  # the paper grids' order rules
     interval = s.LOOP_INTERVAL_SEC
     if args.replay:
         candles = read_candles_csv(args.replay)
+        pair, rules, source = replay_pair(args.replay, candles, args.pair, s)
+        s = replace(s, PAIR=pair)
+        log.info("replay of %s as %s, rules from the %s: %s", args.replay, pair, source, describe_rules(rules))
         store = SQLiteStore(args.db or ":memory:")
         clock = SimClock(candles[0].time + 60, math.inf, stop_event)
         replay_market = ReplayMarket(clock, candles)
@@ -129,11 +141,12 @@ def build_app(args: argparse.Namespace, settings: Settings, stop_event: threadin
         store = SQLiteStore(args.db or SIM_DB_DEFAULT)
         start = _sim_resume_time(store, s)
         clock = SimClock(start, s.SIM_SPEED, stop_event)
-        sim = SimulatedMarket(clock, seed=s.SIM_SEED, start=s.SIM_START)
+        rules, start_price = sim_pair(s.PAIR, SimParams().start_price, s.GRID_MAKER_FEE_PCT)
+        params = SimParams(start_price=start_price, price_decimals=rules.price_decimals)
+        sim = SimulatedMarket(clock, seed=s.SIM_SEED, start=s.SIM_START, params=params)
         market, truth, mode = sim, sim.current_truth, "sim"
     else:
         clock = WallClock(stop_event)
-        store = open_store(s, clock.now, args.db or s.DB_PATH)
         market = KrakenPublicClient(
             s.KRAKEN_API_URL,
             s.PAIR,
@@ -142,6 +155,9 @@ def build_app(args: argparse.Namespace, settings: Settings, stop_event: threadin
             timeout=s.KRAKEN_TIMEOUT_SEC,
             max_retries=s.KRAKEN_MAX_RETRIES,
         )
+        if not args.live:  # before the store opens: an unknown pair stops the start touching nothing
+            rules = _paper_rules(s, market)
+        store = open_store(s, clock.now, args.db or s.DB_PATH)
         mode = "live" if args.live else "paper"
         if args.live:
             grid = _live_grid(s, clock, store)
@@ -170,6 +186,7 @@ def build_app(args: argparse.Namespace, settings: Settings, stop_event: threadin
         baseline=replaying,  # the symmetric grid to compare with
         backfill=backfill,
         grid=grid,
+        rules=rules,
         autosave=not replaying,
     )
     board = StatusBoard()
@@ -185,6 +202,47 @@ def build_app(args: argparse.Namespace, settings: Settings, stop_event: threadin
     return App(bot, runner, board, server, until, replay_market, [store.close])
 
 
+def _paper_rules(s: Settings, client: KrakenPublicClient) -> PairRules:
+    """The paper grid's rules: Kraken's AssetPairs for PAIR, or the built-in table while Kraken is unreachable."""
+    try:
+        info = client.fetch_asset_pair(default_maker_fee_pct=s.GRID_MAKER_FEE_PCT)
+    except UnknownPair as exc:
+        raise ConfigError(_unknown_pair(s.PAIR, exc)) from exc
+    except RetryLater as exc:
+        rules = kraken_table_rules(s.PAIR)
+        if rules is None:
+            raise ConfigError(
+                f"PAIR={s.PAIR}: its order rules cannot be read: Kraken is unreachable ({exc}), and {s.PAIR} "
+                "is not in the built-in table of Kraken pairs"
+            ) from exc
+        log.warning(
+            "Kraken's AssetPairs is unreachable (%s): paper trading %s on the built-in table's rules (%s)",
+            exc, s.PAIR, describe_rules(rules),
+        )  # fmt: skip
+        return rules
+    except BadData as exc:
+        raise ConfigError(f"PAIR={s.PAIR}: Kraken's AssetPairs answer cannot be used: {exc}") from exc
+    _note_pair_info(info, s)
+    return replace(info.rules, pair=s.PAIR)  # stored and shown under the name it was asked by
+
+
+def _unknown_pair(pair: str, exc: Exception) -> str:
+    return (
+        f"PAIR={pair} is not a pair Kraken lists ({exc}); set PAIR (or --pair) to Kraken's name for it, "
+        "e.g. XBTUSD, ETHUSD or XDGUSD"
+    )
+
+
+def _note_pair_info(info: PairInfo, s: Settings) -> None:
+    log.info("%s order rules from Kraken: %s", s.PAIR, describe_rules(info.rules))
+    if not info.fee_published:
+        log.warning(
+            "Kraken publishes no fee schedule for %s: using GRID_MAKER_FEE_PCT=%g", s.PAIR, s.GRID_MAKER_FEE_PCT
+        )
+    if info.status != "online":
+        log.warning("Kraken lists %s with status %r: orders may be refused", s.PAIR, info.status)
+
+
 def _live_grid(s: Settings, clock: WallClock, store: Store) -> GridRunner:
     """The grid on Kraken's private API. It reads the pair's rules and the balance now: a bad key stops the start."""
     client = KrakenPrivateClient(
@@ -197,10 +255,14 @@ def _live_grid(s: Settings, clock: WallClock, store: Store) -> GridRunner:
         max_retries=s.KRAKEN_MAX_RETRIES,
     )
     try:
-        exchange = KrakenExchange(client, s.PAIR, id_prefix=s.KRAKEN_ORDER_PREFIX)
+        info = client.asset_pair_info(s.PAIR, default_maker_fee_pct=s.GRID_MAKER_FEE_PCT)
+        exchange = KrakenExchange(client, s.PAIR, id_prefix=s.KRAKEN_ORDER_PREFIX, info=info)
         exchange.balances()  # proves the key works before the loop starts
+    except UnknownPair as exc:
+        raise ConfigError(f"--live: {_unknown_pair(s.PAIR, exc)}") from exc
     except (RetryLater, BadData) as exc:
         raise ConfigError(f"--live: Kraken is not usable: {exc}") from exc
+    _note_pair_info(info, s)
     log.warning("LIVE trading on Kraken: real orders for %s", s.PAIR)
     return GridRunner(
         grid_config(s, exchange.rules, id_prefix=s.KRAKEN_ORDER_PREFIX),
@@ -235,6 +297,7 @@ def run(argv: list[str] | None = None) -> int:
         "SIM_SPEED": args.speed,
         "SIM_SEED": args.seed,
         "LOG_LEVEL": args.log_level,
+        "PAIR": args.pair,
     }
     if args.db and not args.replay and args.market == "kraken":  # also --migrate-to-supabase
         overrides["DB_PATH"] = args.db

@@ -26,6 +26,7 @@ from candles import MarketData
 from clock import Clock, iso_utc
 from config import Settings
 from errors import ConfigError, RetryLater
+from exchange import PairRules
 from grid_engine import Posture
 from grid_runner import GridRunner, paper_grid
 from http_api import StatusBoard
@@ -95,6 +96,7 @@ class Bot:
         truth: Callable[[], str | None] | None = None,
         panel: Panel | None = None,
         grid: GridRunner | None = None,
+        rules: PairRules | None = None,
         baseline: bool = False,
         backfill: TradesBackfill | None = None,
         autosave: bool = True,
@@ -140,10 +142,11 @@ class Bot:
         self._saved_snapshot: dict[str, Any] | None = None
         self._save_lock = threading.Lock()  # the loop's snapshot vs an operator action's
         self.advisor = RegimeAdvisor(s, store=store, record_error=self.record_error, panel=panel)
-        self.grid = grid or paper_grid(s, id_prefix=s.KRAKEN_ORDER_PREFIX, record_fill=store.record_fill)
+        # ``rules``: the pair's order rules for the paper grids (app resolves them per mode).
+        self.grid = grid or paper_grid(s, rules=rules, id_prefix=s.KRAKEN_ORDER_PREFIX, record_fill=store.record_fill)
         self.grid.record_error = self.record_error
         # A replay also runs an always-symmetric grid on the same candles, as the baseline to beat.
-        self.baseline = paper_grid(s, id_prefix="base") if baseline else None
+        self.baseline = paper_grid(s, rules=rules, id_prefix="base") if baseline else None
         self.backfill = backfill  # None where the market has no trades (sim, replay)
         self.autosave = autosave
 

@@ -51,7 +51,7 @@ def _setting(
 @dataclass(frozen=True)
 class Settings:
     # --- market and storage -------------------------------------------------
-    PAIR: str = _setting("XDGUSD", "Kraken pair name traded and stored")
+    PAIR: str = _setting("XDGUSD", "Kraken pair name traded and stored (--pair)")
     KRAKEN_API_URL: str = _setting("https://api.kraken.com", "Base URL of every Kraken call")
     KRAKEN_TIMEOUT_SEC: float = _setting(10.0, "HTTP timeout of one Kraken request", lo=1, hi=120)
     KRAKEN_MAX_RETRIES: int = _setting(3, "Retries of a Kraken request on rate limits and service errors", lo=0, hi=10)
@@ -150,7 +150,9 @@ class Settings:
         0.75, "Tier 1 skew: with-trend distance x (1 - skew*|bias|), against x (1 + skew*|bias|)", lo=0, hi=1
     )
     GRID_REFRESH_PCT: float = _setting(0.5, "Reprice a resting entry once its target moved this far, percent", lo=0.01)
-    GRID_MAKER_FEE_PCT: float = _setting(0.25, "Paper maker fee, percent (live: from Kraken)", lo=0, hi=5)
+    GRID_MAKER_FEE_PCT: float = _setting(
+        0.25, "Maker fee, percent, of pair rules derived from prices (a known pair pays its own)", lo=0, hi=5
+    )
     GRID_MAX_EXPOSURE_USD: float = _setting(
         1000.0, "Cap on resting entries plus open positions, in the quote currency", lo=1, hi=1e9
     )

@@ -1,10 +1,17 @@
-"""Kraken public REST client (OHLC, Trades), with pure parsers.
+"""Kraken public REST client (OHLC, Trades, AssetPairs), with pure parsers.
 
 Kraken answers HTTP 200 with ``{"error": [...], "result": {...}}``; a
 non-empty ``error`` array is a failure. Rate limits and service errors are
 retried with exponential backoff through an injected ``sleep`` (the clock's),
 so tests never wait on the wall clock. Everything else is a :class:`BadData`
-that the caller skips.
+that the caller skips; a pair Kraken does not list (``EQuery:Unknown asset
+pair``, or an AssetPairs answer without it) is an :class:`UnknownPair`.
+
+AssetPairs (docs.kraken.com, "Get Tradable Asset Pairs") gives each pair's
+``base``/``quote`` asset ids, ``pair_decimals`` (price), ``lot_decimals``
+(volume), ``ordermin`` (base asset), ``costmin`` (quote asset), ``status`` and
+the maker fee schedule ``fees_maker`` as ``[[volume, percent], ...]``. The
+live client (:mod:`kraken_private`) parses it with :func:`parse_asset_pair` too.
 """
 
 from __future__ import annotations
@@ -13,12 +20,14 @@ import json
 import logging
 import math
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from dataclasses import dataclass
+from typing import Any, NamedTuple, TypeVar
 
 import requests
 
 from candles import Candle, OhlcPage, candle_problem
 from errors import BadData, RetryLater
+from exchange import PairRules
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +43,14 @@ RETRYABLE_ERROR_PREFIXES = (
 RETRYABLE_HTTP = {429, 500, 502, 503, 504, 520, 522, 524}
 MAX_BACKOFF_SEC = 8.0
 MAX_RETRY_AFTER_SEC = 30.0
+ASSET_PAIRS_PATH = "/0/public/AssetPairs"
+UNKNOWN_PAIR_ERROR = "EQuery:Unknown asset pair"
+
+T = TypeVar("T")
+
+
+class UnknownPair(BadData):
+    """Kraken does not list the pair that was asked for."""
 
 
 def classify_errors(errors: list[Any]) -> Exception:
@@ -184,6 +201,93 @@ def _parse_trade(row: Any, index: int) -> Trade:
     return trade
 
 
+@dataclass(frozen=True)
+class PairInfo:
+    """One pair from AssetPairs: the trading rules plus Kraken's names for it and its assets."""
+
+    rules: PairRules
+    name: str  # the key of the AssetPairs entry, e.g. XDGUSD or XXBTZUSD
+    altname: str
+    base_id: str  # Balance key of the base asset, e.g. XXDG
+    quote_id: str  # Balance key of the quote asset, e.g. ZUSD
+    status: str = "online"  # Kraken's: online, cancel_only, post_only, limit_only, reduce_only, ...
+    fee_published: bool = True  # False: the entry had no fee schedule and the fee is the caller's default
+
+
+_DISPLAY_NAMES = {"XDG": "DOGE", "XBT": "BTC"}
+
+
+def display_asset(asset_id: str) -> str:
+    """``XXDG`` -> ``DOGE``, ``ZUSD`` -> ``USD``: Kraken's legacy X/Z-prefixed ids in everyday names."""
+    name = asset_id[1:] if len(asset_id) == 4 and asset_id[0] in "XZ" else asset_id
+    return _DISPLAY_NAMES.get(name, name)
+
+
+def parse_asset_pair(payload: Any, pair: str, *, default_maker_fee_pct: float | None = None) -> PairInfo:
+    """:class:`PairInfo` for ``pair`` (entry name or altname) from a decoded AssetPairs answer.
+
+    The fee is the first maker tier (a fresh account's rate). An entry without
+    a fee schedule takes ``default_maker_fee_pct`` when given (and says so in
+    ``fee_published``), else it is malformed. Raises :class:`UnknownPair` when
+    Kraken does not list ``pair``, :class:`RetryLater` or :class:`BadData` for
+    other error arrays and malformed answers.
+    """
+    if not isinstance(payload, dict):
+        raise BadData("Kraken AssetPairs: the answer is not a JSON object")
+    errors = payload.get("error") or []
+    if not isinstance(errors, list):
+        raise BadData("Kraken AssetPairs: 'error' is not a list")
+    warnings = [e for e in errors if str(e).startswith("W")]
+    if warnings:
+        log.warning("Kraken AssetPairs: %s", "; ".join(map(str, warnings)))
+    failures = [e for e in errors if not str(e).startswith("W")]
+    if any(str(e).startswith(UNKNOWN_PAIR_ERROR) for e in failures):
+        raise UnknownPair(f"Kraken AssetPairs: {'; '.join(map(str, failures))} ({pair})")
+    if failures:
+        raise classify_errors(failures)
+    result = payload.get("result")
+    if not isinstance(result, dict):
+        raise BadData("Kraken AssetPairs: no 'result' object")
+    matches = [
+        (k, v)
+        for k, v in result.items()
+        if isinstance(v, dict) and pair.upper() in (k.upper(), str(v.get("altname", "")).upper())
+    ]
+    if not matches and len(result) == 1:  # asked by an alias (BTCUSD): Kraken answers with its own entry
+        matches = list(result.items())
+    if not matches:
+        raise UnknownPair(f"Kraken AssetPairs: the answer has no entry for {pair}")
+    if len(matches) != 1 or not isinstance(matches[0][1], dict):
+        raise BadData(f"Kraken AssetPairs: no single entry for {pair}")
+    name, entry = matches[0]
+    fee_published = True
+    try:
+        schedule = entry.get("fees_maker") or entry.get("fees")
+        if schedule:
+            fee = float(schedule[0][1])  # the first tier: a fresh account's rate
+        elif default_maker_fee_pct is not None:
+            fee, fee_published = default_maker_fee_pct, False
+        else:
+            raise KeyError("fees_maker")
+        base_id, quote_id = str(entry["base"]), str(entry["quote"])
+        rules = PairRules(
+            pair=name,
+            base_asset=display_asset(base_id),
+            quote_asset=display_asset(quote_id),
+            price_decimals=_as_int(entry["pair_decimals"]),
+            lot_decimals=_as_int(entry["lot_decimals"]),
+            ordermin=float(entry["ordermin"]),
+            costmin=float(entry.get("costmin") or 0.0),
+            maker_fee_pct=fee,
+        )
+    except (KeyError, IndexError, TypeError, ValueError) as exc:
+        raise BadData(f"Kraken AssetPairs: malformed entry for {name}: {exc!r}") from None
+    if rules.price_decimals < 0 or rules.lot_decimals < 0 or rules.ordermin < 0 or rules.maker_fee_pct < 0:
+        raise BadData(f"Kraken AssetPairs: implausible rules for {name}: {rules}")
+    status = str(entry.get("status") or "online")
+    return PairInfo(rules, name, str(entry.get("altname") or name), base_id, quote_id, status, fee_published)
+
+
 class KrakenPublicClient:
     """Kraken public market data for one pair (the :class:`candles.MarketData` of paper/live)."""
 
@@ -222,7 +326,17 @@ class KrakenPublicClient:
             params["count"] = count
         return self._with_retries(lambda: parse_trades(self._get("/0/public/Trades", params)))
 
-    def _with_retries(self, call: Callable[[], OhlcPage]) -> OhlcPage:
+    def fetch_asset_pair(self, *, default_maker_fee_pct: float | None = None) -> PairInfo:
+        """The pair's order rules and names from ``/0/public/AssetPairs`` (see :func:`parse_asset_pair`)."""
+        return self._with_retries(
+            lambda: parse_asset_pair(
+                self._get(ASSET_PAIRS_PATH, {"pair": self.pair}),
+                self.pair,
+                default_maker_fee_pct=default_maker_fee_pct,
+            )
+        )
+
+    def _with_retries(self, call: Callable[[], T]) -> T:
         attempt = 0
         while True:
             try:

@@ -41,7 +41,8 @@ from typing import Any
 from candles import Candle
 from errors import BadData, RetryLater
 from exchange import BUY, SELL, Balances, Fill, OpenOrder, OrderRejected, OrderRequest, PairRules
-from kraken_private import UNKNOWN_ORDER_ERROR, KrakenPrivateClient, PairInfo, valid_cl_ord_id
+from kraken_client import PairInfo
+from kraken_private import UNKNOWN_ORDER_ERROR, KrakenPrivateClient, valid_cl_ord_id
 
 log = logging.getLogger(__name__)
 

@@ -32,9 +32,8 @@ What this relies on, and where it comes from:
   (average execution price), ``opentm``/``closetm``, ``reason`` and
   ``descr.{pair,type,ordertype,price}``.
 - Balance answers ``{asset: "amount"}`` with Kraken's asset ids (``XXDG``,
-  ``ZUSD``); AssetPairs gives each pair's ``base``/``quote`` ids,
-  ``pair_decimals``, ``lot_decimals``, ``ordermin``, ``costmin`` and the maker
-  fee schedule ``fees_maker`` as ``[[volume, percent], ...]``.
+  ``ZUSD``); AssetPairs (public, parsed by :func:`kraken_client.parse_asset_pair`)
+  gives each pair's ``base``/``quote`` ids and its order rules.
 
 Failures map onto what the loop does (:mod:`errors`): ``EAPI:Invalid nonce``
 is retried at once with a fresh nonce (bounded); rate limits and service
@@ -66,7 +65,6 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -75,12 +73,12 @@ import requests
 
 from errors import BadData, ConfigError, RetryLater
 from exchange import BUY, SELL, OrderRejected, PairRules
+from kraken_client import ASSET_PAIRS_PATH, PairInfo, parse_asset_pair
 
 log = logging.getLogger(__name__)
 
 USER_AGENT = "regime-grid-bot/0.1"
 PRIVATE_PREFIX = "/0/private/"
-ASSET_PAIRS_PATH = "/0/public/AssetPairs"
 FORM_TYPE = "application/x-www-form-urlencoded; charset=utf-8"
 
 NONCE_ERROR = "EAPI:Invalid nonce"
@@ -240,67 +238,6 @@ def result_of(payload: Any, what: str) -> Any:
     return payload["result"]
 
 
-@dataclass(frozen=True)
-class PairInfo:
-    """One pair from AssetPairs: the trading rules plus Kraken's names for it and its assets."""
-
-    rules: PairRules
-    name: str  # the key of the AssetPairs entry, e.g. XDGUSD or XXBTZUSD
-    altname: str
-    base_id: str  # Balance key of the base asset, e.g. XXDG
-    quote_id: str  # Balance key of the quote asset, e.g. ZUSD
-
-
-_DISPLAY_NAMES = {"XDG": "DOGE", "XBT": "BTC"}
-
-
-def display_asset(asset_id: str) -> str:
-    """``XXDG`` -> ``DOGE``, ``ZUSD`` -> ``USD``: Kraken's legacy X/Z-prefixed ids in everyday names."""
-    name = asset_id[1:] if len(asset_id) == 4 and asset_id[0] in "XZ" else asset_id
-    return _DISPLAY_NAMES.get(name, name)
-
-
-def parse_asset_pair(payload: Any, pair: str) -> PairInfo:
-    """:class:`PairInfo` for ``pair`` (entry name or altname) from a decoded AssetPairs answer."""
-    result = result_of(payload, "AssetPairs")
-    if not isinstance(result, dict) or not result:
-        raise BadData("Kraken AssetPairs: no pairs in 'result'")
-    matches = [
-        (k, v)
-        for k, v in result.items()
-        if isinstance(v, dict) and pair.upper() in (k.upper(), str(v.get("altname", "")).upper())
-    ]
-    if not matches and len(result) == 1:
-        matches = list(result.items())
-    if len(matches) != 1 or not isinstance(matches[0][1], dict):
-        raise BadData(f"Kraken AssetPairs: no single entry for {pair}")
-    name, entry = matches[0]
-    try:
-        schedule = entry.get("fees_maker") or entry["fees"]
-        base_id, quote_id = str(entry["base"]), str(entry["quote"])
-        rules = PairRules(
-            pair=name,
-            base_asset=display_asset(base_id),
-            quote_asset=display_asset(quote_id),
-            price_decimals=_int(entry["pair_decimals"]),
-            lot_decimals=_int(entry["lot_decimals"]),
-            ordermin=float(entry["ordermin"]),
-            costmin=float(entry.get("costmin") or 0.0),
-            maker_fee_pct=float(schedule[0][1]),  # the first tier: a fresh account's rate
-        )
-    except (KeyError, IndexError, TypeError, ValueError) as exc:
-        raise BadData(f"Kraken AssetPairs: malformed entry for {name}: {exc!r}") from None
-    if rules.price_decimals < 0 or rules.lot_decimals < 0 or rules.ordermin < 0 or rules.maker_fee_pct < 0:
-        raise BadData(f"Kraken AssetPairs: implausible rules for {name}: {rules}")
-    return PairInfo(rules, name, str(entry.get("altname") or name), base_id, quote_id)
-
-
-def _int(value: Any) -> int:
-    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-        raise ValueError(f"not an integer: {value!r}")
-    return int(value)
-
-
 def _orders_map(result: Any, key: str | None, what: str) -> dict[str, dict[str, Any]]:
     orders = result.get(key) if key is not None and isinstance(result, dict) else result
     if orders is None and key is not None:
@@ -450,8 +387,10 @@ class KrakenPrivateClient:
         """The order rules of ``pair`` from ``/0/public/AssetPairs``; the fee is the first maker tier."""
         return self.asset_pair_info(pair).rules
 
-    def asset_pair_info(self, pair: str) -> PairInfo:
-        return parse_asset_pair(self._public(ASSET_PAIRS_PATH, {"pair": pair}), pair)
+    def asset_pair_info(self, pair: str, *, default_maker_fee_pct: float | None = None) -> PairInfo:
+        """See :func:`kraken_client.parse_asset_pair` (:class:`kraken_client.UnknownPair` for an unlisted pair)."""
+        payload = self._public(ASSET_PAIRS_PATH, {"pair": pair})
+        return parse_asset_pair(payload, pair, default_maker_fee_pct=default_maker_fee_pct)
 
     # transport -----------------------------------------------------------------------
 

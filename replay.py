@@ -162,6 +162,7 @@ def replay_report(
     days = span / 86400 if span > 0 else 0.0
     return {
         "source": source,
+        "pair": final_status.get("pair"),  # the pair whose rules the grids traded under
         "candles": stats["candles_processed"],
         "first_candle_time": market.start_time - 60,
         "last_candle_time": market.end_time - 60,

@@ -1,5 +1,5 @@
-"""A local fake of Kraken's public REST API (``GET /0/public/OHLC`` and
-``GET /0/public/Trades``) for tests.
+"""A local fake of Kraken's public REST API (``GET /0/public/OHLC``,
+``GET /0/public/Trades`` and ``GET /0/public/AssetPairs``) for tests.
 
 A real HTTP server on 127.0.0.1 (port 0) in a daemon thread, serving a list of
 1-minute :class:`candles.Candle` as Kraken would at the injected ``now``:
@@ -26,10 +26,17 @@ seconds when below 10^11, as Kraken accepts both), without it the newest
 ones; ``last`` is the nanosecond time of the last trade returned (``since``
 itself when none is).
 
-Failures are injected with :meth:`FakeKraken.fail_next` (they apply to OHLC
-and Trades requests alike). Rendering is pure (:func:`render_ohlc`,
-:func:`render_trades`); the request handler is a thin adapter bound to its
-server by a factory.
+AssetPairs serves the :class:`AssetPair` entries given (by default the fake's
+own pair with XDGUSD's rules): ``{"error": [], "result": {NAME: {...}}}`` with
+Kraken's fields (``pair_decimals``, ``lot_decimals``, ``ordermin`` and
+``costmin`` as strings, ``fees_maker`` tiers, ``status``, ...), every entry
+without ``pair``, the matching ones (by entry name or altname) with it, and
+``{"error": ["EQuery:Unknown asset pair"]}`` when one asked for is not there.
+
+Failures are injected with :meth:`FakeKraken.fail_next` (they apply to OHLC,
+Trades and AssetPairs requests alike). Rendering is pure (:func:`render_ohlc`,
+:func:`render_trades`, :func:`asset_pair_entry`); the request handler is a thin
+adapter bound to its server by a factory.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ import math
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from decimal import Decimal
 from http.server import BaseHTTPRequestHandler
 from typing import Any, NamedTuple
@@ -49,12 +57,15 @@ from urllib.parse import parse_qsl, urlsplit
 from loopback_server import LoopbackServer
 
 from candles import Candle, aggregate
+from exchange import PairRules
 from kraken_client import Trade
 
 log = logging.getLogger(__name__)
 
 OHLC_PATH = "/0/public/OHLC"
 TRADES_PATH = "/0/public/Trades"
+ASSET_PAIRS_PATH = "/0/public/AssetPairs"
+PUBLIC_PATHS = (OHLC_PATH, TRADES_PATH, ASSET_PAIRS_PATH)
 TRADES_MAX_COUNT = 1000
 SINCE_SECONDS_BELOW = 10**11  # a smaller ``since`` is unix seconds, a larger one nanoseconds
 NS_PER_SEC = 1_000_000_000
@@ -86,6 +97,21 @@ class Failure(NamedTuple):
     kind: str
     retry_after: float | None = None
     delay: float = 0.0
+
+
+class AssetPair(NamedTuple):
+    """One entry the fake's AssetPairs serves; ``rules.pair`` is its altname."""
+
+    rules: PairRules
+    name: str | None = None  # the entry's key (Kraken's XXBTZUSD); the altname when None
+    base_id: str = "XXDG"
+    quote_id: str = "ZUSD"
+    status: str = "online"
+    fees_published: bool = True
+
+    @property
+    def key(self) -> str:
+        return self.name or self.rules.pair
 
 
 # Pure rendering ---------------------------------------------------------------
@@ -278,6 +304,64 @@ def respond_trades(
     return status, headers, body
 
 
+def _amount(value: float) -> str:
+    """Positional text that parses back to exactly ``value``."""
+    return format(Decimal(repr(float(value))), "f")
+
+
+def _asset_code(asset_id: str) -> str:
+    return asset_id[1:] if len(asset_id) == 4 and asset_id[0] in "XZ" else asset_id
+
+
+def asset_pair_entry(pair: AssetPair) -> dict[str, Any]:
+    """The AssetPairs entry of ``pair`` with Kraken's fields and types."""
+    r, fee = pair.rules, pair.rules.maker_fee_pct
+    return {
+        "altname": r.pair,
+        "wsname": f"{_asset_code(pair.base_id)}/{_asset_code(pair.quote_id)}",
+        "aclass_base": "currency",
+        "base": pair.base_id,
+        "aclass_quote": "currency",
+        "quote": pair.quote_id,
+        "lot": "unit",
+        "cost_decimals": 5,
+        "pair_decimals": r.price_decimals,
+        "lot_decimals": r.lot_decimals,
+        "lot_multiplier": 1,
+        "leverage_buy": [],
+        "leverage_sell": [],
+        # Illustrative tiers: only the first maker tier (the rules' fee) matters to the bot.
+        "fees": [[0, fee + 0.15], [10000, fee + 0.1], [50000, fee + 0.05]] if pair.fees_published else [],
+        "fees_maker": [[0, fee], [10000, fee - 0.05], [50000, fee - 0.1]] if pair.fees_published else [],
+        "fee_volume_currency": "ZUSD",
+        "margin_call": 80,
+        "margin_stop": 40,
+        "ordermin": _amount(r.ordermin),
+        "costmin": _amount(r.costmin),
+        "tick_size": _amount(10.0**-r.price_decimals),
+        "status": pair.status,
+    }
+
+
+def respond_asset_pairs(pairs: Sequence[AssetPair], params: dict[str, str], failure: Failure | None) -> Response:
+    """Status, headers and body of one AssetPairs request."""
+    failed = _failure_answer(failure)
+    if failed is not None:
+        return failed
+    wanted = [p.strip().upper() for p in params.get("pair", "").split(",") if p.strip()]
+    chosen = []
+    for name in wanted:
+        found = [p for p in pairs if name in (p.key.upper(), p.rules.pair.upper())]
+        if not found:
+            return _kraken_error("EQuery:Unknown asset pair")
+        chosen.extend(found)
+    result = {p.key: asset_pair_entry(p) for p in (chosen if wanted else pairs)}
+    status, headers, body = _json(200, {"error": [], "result": result})
+    if failure is not None and failure.kind == "malformed":
+        body = body[: len(body) // 2]
+    return status, headers, body
+
+
 # The server -------------------------------------------------------------------
 
 
@@ -330,7 +414,7 @@ def _make_handler(fake: FakeKraken) -> type[BaseHTTPRequestHandler]:
 
 
 class FakeKraken:
-    """Kraken's public OHLC and Trades endpoints over real HTTP, driven by a clock.
+    """Kraken's public OHLC, Trades and AssetPairs endpoints over real HTTP, driven by a clock.
 
     Use as a context manager, or :meth:`start` / :meth:`stop`. Every request
     is recorded in :attr:`requests` as ``{"path", "params", "headers", "at"}``
@@ -344,6 +428,7 @@ class FakeKraken:
         now: Callable[[], float],
         pair: str = "XDGUSD",
         trades: Sequence[Trade] = (),
+        asset_pairs: Sequence[AssetPair] | None = None,
     ) -> None:
         self.pair = pair
         self.url = ""
@@ -354,10 +439,12 @@ class FakeKraken:
         self._trades: list[Trade] = []
         self._trade_ns: list[int] = []
         self._failures: deque[Failure] = deque()
+        self._asset_pairs: list[AssetPair] = []
         self._stop = threading.Event()
         self._http = LoopbackServer(_make_handler(self), "fake-kraken")
         self.set_candles(candles)
         self.set_trades(trades)
+        self.set_asset_pairs(asset_pairs if asset_pairs is not None else [AssetPair(replace(PairRules(), pair=pair))])
 
     # control --------------------------------------------------------------------
 
@@ -374,8 +461,13 @@ class FakeKraken:
         with self._lock:
             self._trades, self._trade_ns = ordered, times
 
+    def set_asset_pairs(self, pairs: Sequence[AssetPair]) -> None:
+        """Replace the entries AssetPairs serves."""
+        with self._lock:
+            self._asset_pairs = list(pairs)
+
     def fail_next(self, n: int, kind: str, *, retry_after: float | None = None, delay: float = 0.0) -> None:
-        """Make the next ``n`` OHLC or Trades requests fail with ``kind`` (queued after earlier ones)."""
+        """Make the next ``n`` OHLC, Trades or AssetPairs requests fail with ``kind`` (queued after earlier ones)."""
         if kind not in FAIL_KINDS:
             raise ValueError(f"unknown failure kind {kind!r}; expected one of {sorted(FAIL_KINDS)}")
         if n < 0 or delay < 0 or (retry_after is not None and retry_after < 0):
@@ -418,13 +510,16 @@ class FakeKraken:
         arrived = self._now()
         with self._lock:
             self.requests.append({"path": path, "params": params, "headers": headers, "at": arrived})
-            if path not in (OHLC_PATH, TRADES_PATH):
+            if path not in PUBLIC_PATHS:
                 return _json(404, {"error": ["EGeneral:Unknown method"]})
             failure = self._failures.popleft() if self._failures else None
         if failure is not None and failure.kind == "slow" and self._stop.wait(failure.delay):
             return None
         with self._lock:
             candles, trades, trade_times = self._candles, self._trades, self._trade_ns
+            asset_pairs = list(self._asset_pairs)
+        if path == ASSET_PAIRS_PATH:
+            return respond_asset_pairs(asset_pairs, params, failure)
         if path == TRADES_PATH:
             return respond_trades(trades, trade_times, self.pair, params, self._now(), failure)
         return respond_ohlc(candles, self.pair, params, self._now(), failure)

@@ -1,8 +1,8 @@
 """A local fake of Kraken's private REST API (and public AssetPairs) for tests.
 
 :class:`FakeKrakenPrivate` extends :class:`fake_kraken.FakeKraken`, so one real
-HTTP server on 127.0.0.1 (port 0) serves the public OHLC (and whatever else the
-base serves), ``GET /0/public/AssetPairs`` and ``POST /0/private/<Method>`` for
+HTTP server on 127.0.0.1 (port 0) serves the public endpoints of the base
+(AssetPairs with the ``rules`` given) and ``POST /0/private/<Method>`` for
 AddOrder, CancelOrder, OpenOrders, ClosedOrders, QueryOrders and Balance.
 
 Authentication is checked as Kraken documents it, with the signature formula
@@ -55,13 +55,12 @@ from decimal import Decimal
 from typing import Any
 from urllib.parse import parse_qsl
 
-from fake_kraken import FakeKraken, Response, _json
+from fake_kraken import AssetPair, FakeKraken, Response, _json
 
 from candles import Candle
 from exchange import BUY, SELL, Fill, OrderRejected, OrderRequest, PairRules
 from paper_exchange import PaperBook
 
-ASSET_PAIRS_PATH = "/0/public/AssetPairs"
 PRIVATE_PREFIX = "/0/private/"
 FORM_TYPE = "application/x-www-form-urlencoded"
 API_KEY = "fake-public-key-3hT9"
@@ -176,7 +175,8 @@ class FakeKrakenPrivate(FakeKraken):
         seed: int = 5,
     ) -> None:
         self.rules = rules or PairRules()
-        super().__init__(candles, now=now, pair=self.rules.pair)
+        served = [AssetPair(self.rules, base_id=base_id, quote_id=quote_id)]
+        super().__init__(candles, now=now, pair=self.rules.pair, asset_pairs=served)
         self.api_key, self.api_secret = api_key, api_secret
         self.base_id, self.quote_id = base_id, quote_id
         self.book = PaperBook(self.rules, quote=quote, base=base)
@@ -235,13 +235,6 @@ class FakeKrakenPrivate(FakeKraken):
         return [r for r in posts if method is None or r["path"] == PRIVATE_PREFIX + method]
 
     # serving ----------------------------------------------------------------------------
-
-    def handle(self, path: str, params: dict[str, str], headers: dict[str, str]) -> Response | None:
-        if path != ASSET_PAIRS_PATH:
-            return super().handle(path, params, headers)
-        with self._lock:
-            self.requests.append({"path": path, "params": params, "headers": headers})
-        return self._asset_pairs(params)
 
     def handle_post(self, path: str, body: bytes, headers: dict[str, str]) -> Response | None:
         text = body.decode("utf-8", "replace")
@@ -302,39 +295,6 @@ class FakeKrakenPrivate(FakeKraken):
         return None
 
     # endpoints --------------------------------------------------------------------------
-
-    def _asset_pairs(self, params: dict[str, str]) -> Response:
-        wanted = [p.strip().upper() for p in params.get("pair", "").split(",") if p.strip()]
-        if wanted and self.pair.upper() not in wanted:
-            return _error("EQuery:Unknown asset pair")
-        r = self.rules
-        fee = r.maker_fee_pct
-        entry = {
-            "altname": self.pair,
-            "wsname": f"{self.base_id[1:]}/{self.quote_id[1:]}",
-            "aclass_base": "currency",
-            "base": self.base_id,
-            "aclass_quote": "currency",
-            "quote": self.quote_id,
-            "lot": "unit",
-            "cost_decimals": 5,
-            "pair_decimals": r.price_decimals,
-            "lot_decimals": r.lot_decimals,
-            "lot_multiplier": 1,
-            "leverage_buy": [],
-            "leverage_sell": [],
-            # Illustrative tiers: only the first maker tier (the rules' fee) matters to the bot.
-            "fees": [[0, fee + 0.15], [10000, fee + 0.1], [50000, fee + 0.05]],
-            "fees_maker": [[0, fee], [10000, fee - 0.05], [50000, fee - 0.1]],
-            "fee_volume_currency": "ZUSD",
-            "margin_call": 80,
-            "margin_stop": 40,
-            "ordermin": _amount(r.ordermin),
-            "costmin": _amount(r.costmin),
-            "tick_size": _amount(10.0**-r.price_decimals),
-            "status": "online",
-        }
-        return _json(200, {"error": [], "result": {self.pair: entry}})
 
     def _add_order(self, p: dict[str, str]) -> Response:
         side, oflags = p.get("type"), p.get("oflags", "")

@@ -7,6 +7,8 @@ import sqlite3
 import pytest
 from conftest import ROOT
 
+from exchange import PairRules
+
 SIM = ["--market", "sim", "--port", "0", "--log-level", "INFO"]
 
 
@@ -147,6 +149,7 @@ def test_help_documents_every_flag(tmp_path, bot_process):
         "--serve",
         "--log-level",
         "--env-file",
+        "--pair",
     ):
         assert flag in p.output
     source = (ROOT / "app.py").read_text()
@@ -297,3 +300,86 @@ def test_a_supabase_outage_never_stops_the_bot_and_a_restart_during_it_restores_
             (snapshot,) = conn.execute("SELECT data FROM bot_state WHERE key = 'snapshot:XDGUSD'").fetchone()
             assert conn.execute("SELECT COUNT(*) FROM store_outbox").fetchone() == (0,)
         assert supabase.rows("bot_state")[0]["data"] == json.loads(snapshot)
+
+
+# The pair's order rules (pair_rules, kraken_client.fetch_asset_pair) -------------------------------
+
+BTC_RULES = PairRules("XBTUSD", "BTC", "USD", 1, 8, 0.00005, 0.5, 0.25)
+
+
+def recent_candles(n: int, seed: int, scale: float = 1.0):
+    import time
+
+    from market_sim import generate
+
+    first = int(time.time() // 60 * 60) - (n - 100) * 60
+    candles, _ = generate(n, seed=seed, start=first)  # history up to now and a little beyond
+    return [c._replace(open=c.open * scale, high=c.high * scale, low=c.low * scale, close=c.close * scale)
+            for c in candles]  # fmt: skip
+
+
+QUIET = {"TRADES_BACKFILL_ENABLED": "false", "HMM_SECONDARY_ENABLED": "false", "LOOP_INTERVAL_SEC": "1"}
+
+
+def test_paper_mode_trades_the_pair_on_the_rules_kraken_publishes(tmp_path, bot_process):
+    import time
+
+    from fake_kraken import AssetPair, FakeKraken
+
+    served = [AssetPair(PairRules()), AssetPair(BTC_RULES, name="XXBTZUSD", base_id="XXBT")]
+    with FakeKraken(recent_candles(900, 24, scale=250_000), now=time.time, pair="XBTUSD", asset_pairs=served) as fake:
+        env = {"KRAKEN_API_URL": fake.url, "PAIR": "XBTUSD", **QUIET}
+        p = bot_process(["--port", "0", "--db", str(tmp_path / "btc.sqlite3"), "--log-level", "INFO"], env=env)
+        p.wait_ready()
+        st = p.wait_status(lambda s: s["grid"] is not None and s["grid"]["open_orders"], timeout=60)
+        grid = st["grid"]
+        assert (st["pair"], grid["pair"], grid["base_asset"], grid["quote_asset"]) == ("XBTUSD", "XBTUSD", "BTC", "USD")
+        assert grid["price_decimals"] == 1
+        for order in grid["open_orders"]:
+            assert round(order["price"], 1) == order["price"] and order["volume"] >= 0.00005
+        assert "XBTUSD order rules from Kraken: tick 0.1 USD" in p.output
+        asked = [r["params"] for r in fake.requests if r["path"] == "/0/public/AssetPairs"]
+        assert asked == [{"pair": "XBTUSD"}]
+        assert p.terminate() == 0
+
+
+def test_paper_mode_refuses_a_pair_kraken_does_not_list(tmp_path, bot_process):
+    import time
+
+    from fake_kraken import FakeKraken
+
+    with FakeKraken(recent_candles(200, 25), now=time.time) as fake:
+        db = tmp_path / "paper.sqlite3"
+        p = bot_process(["--port", "0", "--db", str(db), "--pair", "NOPEUSD"], env={"KRAKEN_API_URL": fake.url})
+        assert p.proc.wait(30) == 2
+    assert "PAIR=NOPEUSD is not a pair Kraken lists (Kraken AssetPairs: EQuery:Unknown asset pair" in p.output
+    assert "Traceback" not in p.output
+    assert not db.exists()  # refused before the store was opened
+
+
+def test_paper_mode_without_kraken_falls_back_to_the_table_for_a_known_pair_only(tmp_path, bot_process):
+    import socket
+
+    with socket.socket() as s:  # a loopback port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}"
+    env = {"KRAKEN_API_URL": url, "KRAKEN_MAX_RETRIES": "0", **QUIET}
+    p = bot_process(
+        ["--port", "0", "--db", str(tmp_path / "a.sqlite3"), "--log-level", "INFO"], env={**env, "PAIR": "ETHUSD"}
+    )
+    p.wait_ready()
+    p.wait_for_log(r"AssetPairs is unreachable .*: paper trading ETHUSD on the built-in table's rules \(tick 0.01 USD")
+    assert p.terminate() == 0
+    p = bot_process(["--port", "0", "--db", str(tmp_path / "b.sqlite3")], env={**env, "PAIR": "SHIBUSD"})
+    assert p.proc.wait(30) == 2
+    assert "PAIR=SHIBUSD: its order rules cannot be read: Kraken is unreachable" in p.output
+    assert "SHIBUSD is not in the built-in table" in p.output
+
+
+def test_the_simulator_runs_a_known_pair_at_its_price_scale_and_rules(tmp_path, bot_process):
+    p = bot_process([*sim_args(tmp_path), "--pair", "XBTUSD"])
+    p.wait_ready()
+    st = p.wait_status(lambda s: s["grid"] is not None and s["grid"]["open_orders"], timeout=60)
+    assert st["pair"] == "XBTUSD" and st["grid"]["price_decimals"] == 1 and st["grid"]["base_asset"] == "BTC"
+    assert 20_000 < st["price"] < 200_000  # the simulator starts at the pair's typical price, 60,000
+    assert p.terminate() == 0

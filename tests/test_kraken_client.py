@@ -10,18 +10,28 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import requests
 from conftest import SleepRecorder
-from fake_kraken import BAD_PRICE, BAD_ROW_INDEX, FakeKraken
+from fake_kraken import BAD_PRICE, BAD_ROW_INDEX, AssetPair, FakeKraken
 
 from candle_pipeline import CandlePipeline, FeedSpec
 from candles import Candle, aggregate
 from clock import SimClock
 from errors import BadData, RetryLater
-from kraken_client import USER_AGENT, KrakenPublicClient, classify_errors, parse_ohlc
+from exchange import PairRules
+from kraken_client import (
+    USER_AGENT,
+    KrakenPublicClient,
+    UnknownPair,
+    classify_errors,
+    display_asset,
+    parse_asset_pair,
+    parse_ohlc,
+)
 from market_sim import generate
 from store import SQLiteStore
 
@@ -437,6 +447,97 @@ def test_classify_errors() -> None:
     assert "EQuery:Unknown asset pair; EGeneral:Invalid arguments" in str(bad)
     # One transient error among others still means "try again later".
     assert isinstance(classify_errors(["EGeneral:Invalid arguments", "EService:Unavailable"]), RetryLater)
+
+
+# AssetPairs ---------------------------------------------------------------------------
+
+XBT_ENTRY = {
+    "altname": "XBTUSD",
+    "base": "XXBT",
+    "quote": "ZUSD",
+    "pair_decimals": 1,
+    "lot_decimals": 8,
+    "ordermin": "0.00005",
+    "costmin": "0.5",
+    "fees": [[0, 0.4], [10000, 0.35]],
+    "fees_maker": [[0, 0.25], [10000, 0.2]],
+    "status": "online",
+}
+XBT_RULES = PairRules("XBTUSD", "BTC", "USD", 1, 8, 0.00005, 0.5, 0.25)
+
+
+def test_fetch_asset_pair_reads_the_pairs_rules(make_client, fake: FakeKraken) -> None:
+    fake.set_asset_pairs([AssetPair(PairRules()), AssetPair(XBT_RULES, name="XXBTZUSD", base_id="XXBT")])
+    info = make_client(pair="XBTUSD").fetch_asset_pair()
+    assert info.rules == PairRules("XXBTZUSD", "BTC", "USD", 1, 8, 0.00005, 0.5, 0.25)
+    assert (info.name, info.altname, info.base_id, info.quote_id, info.status) == (
+        "XXBTZUSD", "XBTUSD", "XXBT", "ZUSD", "online",
+    )  # fmt: skip
+    assert info.fee_published
+    asked = [r for r in fake.requests if r["path"] == "/0/public/AssetPairs"]
+    assert [r["params"] for r in asked] == [{"pair": "XBTUSD"}]
+    assert make_client().fetch_asset_pair().rules == PairRules()  # the default entry: XDGUSD
+
+
+def test_a_pair_kraken_does_not_list_is_unknown_pair_without_retry(
+    make_client, fake: FakeKraken, sleeps: SleepRecorder
+) -> None:
+    with pytest.raises(UnknownPair, match=r"EQuery:Unknown asset pair \(NOPEUSD\)"):
+        make_client(pair="NOPEUSD").fetch_asset_pair()
+    assert sleeps.calls == []
+
+
+def test_asset_pairs_are_retried_like_every_public_call(
+    client: KrakenPublicClient, fake: FakeKraken, sleeps: SleepRecorder
+) -> None:
+    fake.fail_next(2, "rate_limit")
+    assert client.fetch_asset_pair().rules == PairRules()
+    assert sleeps.calls == [1.0, 2.0]
+    fake.fail_next(4, "unavailable")
+    with pytest.raises(RetryLater, match="EService:Unavailable"):
+        client.fetch_asset_pair()
+
+
+def test_unreachable_kraken_is_retry_later_for_asset_pairs(make_client, fake: FakeKraken) -> None:
+    fake.stop()
+    with pytest.raises(RetryLater, match="AssetPairs"):
+        make_client(max_retries=0).fetch_asset_pair()
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {"error": ["EQuery:Unknown asset pair"]},
+        {"error": ["EQuery:Unknown asset pair"], "result": {}},
+        {"error": [], "result": {"XXBTZUSD": XBT_ENTRY, "XETHZUSD": {**XBT_ENTRY, "altname": "ETHUSD"}}},
+    ],
+)
+def test_parse_asset_pair_unknown_pair_shapes(payload) -> None:
+    with pytest.raises(UnknownPair, match="DOTUSD"):
+        parse_asset_pair(payload, "DOTUSD")
+
+
+def test_parse_asset_pair_takes_the_first_maker_tier_and_matches_the_altname() -> None:
+    payload = {"error": [], "result": {"XXBTZUSD": XBT_ENTRY, "XETHZUSD": {**XBT_ENTRY, "altname": "ETHUSD"}}}
+    info = parse_asset_pair(payload, "xbtusd")
+    assert info.rules == replace(XBT_RULES, pair="XXBTZUSD")
+    assert (info.name, info.base_id) == ("XXBTZUSD", "XXBT")
+    # Asked by an alias, Kraken answers with its one entry under its own names.
+    assert parse_asset_pair({"error": [], "result": {"XXBTZUSD": XBT_ENTRY}}, "BTCUSD").altname == "XBTUSD"
+    broken = {"error": [], "result": {"XXBTZUSD": {**XBT_ENTRY, "pair_decimals": "x"}}}
+    with pytest.raises(BadData, match="malformed entry for XXBTZUSD"):
+        parse_asset_pair(broken, "XBTUSD")
+    with pytest.raises(RetryLater):
+        parse_asset_pair({"error": ["EService:Unavailable"]}, "XBTUSD")
+    assert [display_asset(a) for a in ("XXDG", "ZUSD", "XETH", "USDT", "ZEUR")] == ["DOGE", "USD", "ETH", "USDT", "EUR"]
+
+
+def test_an_entry_without_a_fee_schedule_takes_the_default_fee_when_given() -> None:
+    payload = {"error": [], "result": {"XXBTZUSD": {**XBT_ENTRY, "fees": [], "fees_maker": [], "status": "post_only"}}}
+    with pytest.raises(BadData, match="malformed"):
+        parse_asset_pair(payload, "XBTUSD")
+    info = parse_asset_pair(payload, "XBTUSD", default_maker_fee_pct=0.3)
+    assert info.rules.maker_fee_pct == 0.3 and not info.fee_published and info.status == "post_only"
 
 
 # Pipeline over HTTP ------------------------------------------------------------------

@@ -32,6 +32,7 @@ from errors import BadData, ConfigError, RetryLater
 from exchange import BUY, SELL, Balances, Fill, OrderRejected, OrderRequest, PairRules
 from grid_engine import GridConfig, Posture, to_dict
 from grid_runner import GridRunner, RunnerSettings
+from kraken_client import UnknownPair
 from kraken_exchange import KrakenExchange, OrderStatus, fill_of, format_amount, order_status
 from kraken_private import (
     InvalidNonce,
@@ -39,8 +40,6 @@ from kraken_private import (
     NonceSource,
     TemporaryLockout,
     classify_private_errors,
-    display_asset,
-    parse_asset_pair,
     result_of,
     sign,
     valid_cl_ord_id,
@@ -477,34 +476,8 @@ def test_asset_pair_rules_come_from_asset_pairs(client: KrakenPrivateClient, fak
     info = client.asset_pair_info("XDGUSD")
     assert (info.base_id, info.quote_id, info.altname) == ("XXDG", "ZUSD", "XDGUSD")
     assert fake.requests[-1]["params"] == {"pair": "XDGUSD"}
-    with pytest.raises(BadData, match="EQuery:Unknown asset pair"):
+    with pytest.raises(UnknownPair, match=r"EQuery:Unknown asset pair \(XBTUSD\)"):
         client.asset_pair("XBTUSD")
-
-
-def test_parse_asset_pair_takes_the_first_maker_tier_and_matches_the_altname() -> None:
-    payload = {
-        "error": [],
-        "result": {
-            "XXBTZUSD": {
-                "altname": "XBTUSD",
-                "base": "XXBT",
-                "quote": "ZUSD",
-                "pair_decimals": 1,
-                "lot_decimals": 8,
-                "ordermin": "0.0001",
-                "costmin": "0.5",
-                "fees": [[0, 0.26], [50000, 0.24]],
-                "fees_maker": [[0, 0.16], [50000, 0.14]],
-            }
-        },
-    }
-    info = parse_asset_pair(payload, "XBTUSD")
-    assert info.rules == PairRules("XXBTZUSD", "BTC", "USD", 1, 8, 0.0001, 0.5, 0.16)
-    assert (info.name, info.base_id) == ("XXBTZUSD", "XXBT")
-    broken = {"error": [], "result": {"XXBTZUSD": {**payload["result"]["XXBTZUSD"], "pair_decimals": "x"}}}
-    with pytest.raises(BadData):
-        parse_asset_pair(broken, "XBTUSD")
-    assert [display_asset(a) for a in ("XXDG", "ZUSD", "XETH", "USDT", "ZEUR")] == ["DOGE", "USD", "ETH", "USDT", "EUR"]
 
 
 def test_cl_ord_id_formats() -> None:

@@ -118,6 +118,17 @@ def test_live_refuses_to_start_when_kraken_rejects_the_key(tmp_path, bot_process
         assert not fake.open_cl_ord_ids()
 
 
+def test_live_refuses_to_start_on_a_pair_kraken_does_not_list(tmp_path, bot_process):
+    candles, _ = generate(100, seed=3, start=int(time.time() // 60 * 60) - 100 * 60)
+    with FakeKrakenPrivate(candles, now=time.time) as fake:
+        env = {**LIVE_ENV, "KRAKEN_API_URL": fake.url, "KRAKEN_NONCE_PATH": str(tmp_path / "nonce"), "PAIR": "NOPEUSD"}
+        p = bot_process(["--live", "--port", "0", "--db", str(tmp_path / "l.sqlite3")], env=env)
+        assert p.proc.wait(30) == 2
+        assert "--live: PAIR=NOPEUSD is not a pair Kraken lists" in p.output
+        assert "EQuery:Unknown asset pair" in p.output and "Traceback" not in p.output
+        assert not fake.private_requests("AddOrder")
+
+
 @pytest.mark.parametrize("stop", ["terminate", "kill"])
 def test_live_process_places_the_grid_and_a_restart_places_nothing_twice(tmp_path, bot_process, stop):
     now = time.time()

@@ -162,3 +162,78 @@ def test_replay_with_serve_keeps_the_dashboard_up_until_stopped(tmp_path, bot_pr
     assert status["now"] == candles[-1].time + 60
     assert (tmp_path / "r.json").exists()
     assert p.terminate() == 0
+
+
+# Pair rules in a replay (pair_rules.replay_pair) ------------------------------------------------
+
+BTC_SCALE = 250_000  # the simulator's 0.08 USD becomes 20,000 USD
+
+
+def write_scaled_csv(path: Path, candles: list[Candle], scale: float) -> Path:
+    write_csv(path, [c._replace(open=c.open * scale, high=c.high * scale, low=c.low * scale, close=c.close * scale)
+                     for c in candles])  # fmt: skip
+    return path
+
+
+def run_replay(bot_process, csv: Path, *args: str, env: dict[str, str] | None = None) -> tuple[int, dict | None, str]:
+    report = csv.with_suffix(".report.json")
+    p = bot_process(["--replay", str(csv), "--report", str(report), "--log-level", "INFO", *args], env=env)
+    code = p.proc.wait(180)
+    return code, json.loads(report.read_text()) if code == 0 else None, p.output
+
+
+def test_a_btc_priced_file_trades_as_the_same_series_at_doge_scale(tmp_path, bot_process):
+    candles, _ = generate(3000, seed=11)
+    code, btc, log = run_replay(bot_process, write_scaled_csv(tmp_path / "BTCUSDT_1m.csv", candles, BTC_SCALE))
+    assert code == 0, log
+    assert "as XBTUSD, rules from the file name: tick 0.1 USD" in log
+    code, doge, log = run_replay(bot_process, write_scaled_csv(tmp_path / "DOGEUSDT_1m.csv", candles, 1.0))
+    assert code == 0, log
+    assert (btc["pair"], doge["pair"]) == ("XBTUSD", "XDGUSD")
+    assert_scorecard_consistent(btc)
+    for name in ("regime_aware", "symmetric"):
+        b, d = btc["strategies"][name], doge["strategies"][name]
+        assert b["cycles"] > 0 and d["cycles"] > 0, name
+        # The grid is scale-free; only the pairs' ticks and minimums differ (both far below an entry),
+        # so the cycles agree within 5 % (on this series they are equal) and so does the P&L per dollar.
+        assert abs(b["cycles"] - d["cycles"]) <= max(2, 0.05 * d["cycles"]), (name, b["cycles"], d["cycles"])
+        assert b["net_pnl_usd"] == pytest.approx(d["net_pnl_usd"], abs=0.02 * d["start_equity_usd"]), name
+
+
+def test_a_file_of_an_unknown_pair_trades_on_rules_from_its_prices(tmp_path, bot_process):
+    candles, _ = generate(2000, seed=12)
+    code, report, log = run_replay(bot_process, write_scaled_csv(tmp_path / "mystery-coin.csv", candles, 40.0))
+    assert code == 0, log
+    assert report["pair"] == "MYSTERY"
+    assert "as MYSTERY, rules from the price scale: tick 1e-05 USD" in log
+    assert report["strategies"]["symmetric"]["cycles"] > 0
+
+
+def test_an_explicit_pair_applies_to_the_file_whatever_its_name(tmp_path, bot_process):
+    candles, _ = generate(2000, seed=12)
+    csv = write_scaled_csv(tmp_path / "BTCUSDT_1m.csv", candles, 1.0)  # named BTC, priced like DOGE
+    code, _, log = run_replay(bot_process, csv)
+    assert code == 2 and f"{csv}: XBTUSD (file name) cannot trade this file" in log and "tick 0.1" in log
+    code, report, log = run_replay(bot_process, csv, "--pair", "dogeusdt")
+    assert code == 0, log
+    assert report["pair"] == "XDGUSD" and "as XDGUSD, rules from the --pair" in log
+    assert report["strategies"]["symmetric"]["cycles"] > 0
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "fragments"),
+    [
+        (["--pair", "NOPEUSD"], {}, ["--pair NOPEUSD is not in the built-in table", "XBTUSD, ETHUSD"]),
+        ([], {"GRID_ORDER_USD": "2"}, ["XDGUSD (file name) cannot trade this file", "GRID_ORDER_USD=2"]),
+    ],
+)
+def test_a_replay_whose_rules_cannot_trade_stops_with_a_message(tmp_path, bot_process, args, env, fragments):
+    candles, _ = generate(200, seed=13)
+    csv = write_scaled_csv(tmp_path / "DOGEUSDT_1m.csv", candles, 1.0)
+    code, _, log = run_replay(bot_process, csv, *args, env=env)
+    assert code == 2
+    for fragment in fragments:
+        assert fragment in log
+    if env:
+        assert f"bot.py: {csv}: " in log  # the message names the file
+    assert "Traceback" not in log and not csv.with_suffix(".report.json").exists()
