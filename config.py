@@ -144,7 +144,7 @@ class Settings:
     GRID_ENTRY_PCT: float = _setting(0.35, "Distance of grid entries from the market, percent of price", lo=0.01, hi=20)
     GRID_SLOTS: int = _setting(3, "Grid slots, each with a sell-first (A) and a buy-first (B) leg", lo=1, hi=20)
     GRID_SLOT_STEP_PCT: float = _setting(0.35, "Each further slot enters this much farther out, percent", lo=0, hi=20)
-    GRID_EXIT_PCT: float = _setting(1.0, "Exit distance from the entry fill, percent (above both fees)", lo=0.05, hi=50)
+    GRID_EXIT_PCT: float = _setting(2.0, "Exit distance from the entry fill, percent (above both fees)", lo=0.05, hi=50)
     GRID_ORDER_USD: float = _setting(20.0, "Size of one entry, in the quote currency", lo=0.5, hi=1_000_000)
     GRID_SKEW: float = _setting(
         0.75, "Tier 1 skew: with-trend distance x (1 - skew*|bias|), against x (1 + skew*|bias|)", lo=0, hi=1
@@ -156,8 +156,21 @@ class Settings:
     GRID_MAX_EXPOSURE_USD: float = _setting(
         1000.0, "Cap on resting entries plus open positions, in the quote currency", lo=1, hi=1e9
     )
-    GRID_CAPACITY_CAUTION_SHARE: float = _setting(0.7, "Open orders / MAX_OPEN_ORDERS for the caution band", lo=0, hi=1)
-    GRID_CAPACITY_STOP_SHARE: float = _setting(0.9, "Open orders / MAX_OPEN_ORDERS for the stop band", lo=0, hi=1)
+    GRID_MAX_INVENTORY_USD: float = _setting(
+        80.0, "Cap on what one side of the grid may hold: positions at cost plus resting entries", lo=1, hi=1e9
+    )
+    GRID_VOL_REF_PCT: float = _setting(
+        1.0, "Hourly volatility (percent) the grid distances are set for; above it they widen (0: off)", lo=0, hi=100
+    )
+    GRID_VOL_HALFLIFE_MIN: float = _setting(
+        60.0, "Half-life of the grid's volatility estimate, in 1m candles", lo=1, hi=100_000
+    )
+    GRID_CAPACITY_CAUTION_SHARE: float = _setting(
+        0.7, "Share of a cap (inventory, exposure or open orders) at which the band is caution", lo=0, hi=1
+    )
+    GRID_CAPACITY_STOP_SHARE: float = _setting(
+        0.9, "Share of a cap (inventory, exposure or open orders) at which the band is stop", lo=0, hi=1
+    )
     GRID_TREND_FAST: int = _setting(20, "Fast EMA of the trend detector, in 1m candles", lo=2, hi=10_000)
     GRID_TREND_SLOW: int = _setting(60, "Slow EMA of the trend detector, in 1m candles", lo=3, hi=100_000)
     GRID_TREND_BAND_PCT: float = _setting(0.1, "EMA gap (percent) that counts as a trend", lo=0, hi=20)
@@ -169,9 +182,12 @@ class Settings:
         60.0, "Tier 2 cancels against-trend entries this long after it begins", lo=0, hi=86400
     )
     RECOVERY_AFTER_SEC: float = _setting(
-        7200.0, "An exit resting this long becomes a recovery order and its leg enters again", lo=60, hi=30 * 86400
+        7200.0,
+        "An exit resting this long is flagged a recovery order (a stranded position; it keeps its leg)",
+        lo=60,
+        hi=30 * 86400,
     )
-    MAX_OPEN_ORDERS: int = _setting(20, "Most open orders; the capacity band is measured against it", lo=2, hi=1000)
+    MAX_OPEN_ORDERS: int = _setting(20, "Most open orders (one of the capacity band's measures)", lo=2, hi=1000)
     PAPER_START_USD: float = _setting(1000.0, "Paper account at the first price, in the quote currency", lo=1, hi=1e9)
     PAPER_BASE_SHARE: float = _setting(0.5, "Share of the paper account bought as the base asset at start", lo=0, hi=1)
     # --- live trading -----------------------------------------------------------

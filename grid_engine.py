@@ -22,9 +22,26 @@ grows with |bias|; tier 2 cancels against-trend entries once the posture is
 ``grace_sec`` old and enters on the favoured side only. Exits are never
 cancelled by the regime. When the tier drops, the suppressed legs enter again.
 
-An exit that has rested ``recovery_after_sec`` becomes a *recovery order*:
-it stays on the book, but no longer holds its leg, which enters again. Open
-orders count against ``max_open_orders``, which gives the capacity band.
+Distances scale with recent volatility: every entry, step and exit distance
+is multiplied by ``max(1, vol / vol_ref_pct)`` (the hourly volatility the
+runner measures, against the volatility the base distances are set for), and
+by the posture's ``spacing`` (a regime may widen the grid when it expects
+larger moves). Exits never come closer than the base ``exit_pct``, which
+config validation keeps above both fees.
+
+The grid bounds its risk by inventory. A leg holds its exit until it fills:
+a stranded exit never frees its leg to buy again lower (averaging down, and
+releasing stranded positions at a loss, both cost more than they saved on the
+shared real candles; see README). So a side never holds more than one
+position per slot, and an entry is also refused when the position its side
+could reach (open positions plus resting entries of that side, plus this one)
+would cost more than ``max_inventory_quote``. An exit that has rested
+``recovery_after_sec`` is flagged a *recovery order*, a signal of a stranded
+position for the operator and the advisor.
+
+The capacity band measures what is at risk: the fuller side's positions
+against the inventory cap, the exposure against its cap and the open orders
+against ``max_open_orders`` (see :func:`capacity`).
 """
 
 from __future__ import annotations
@@ -54,7 +71,7 @@ class GridConfig:
     slots: int = 3
     entry_pct: float = 0.35
     slot_step_pct: float = 0.35
-    exit_pct: float = 1.0
+    exit_pct: float = 2.0
     order_quote: float = 20.0  # size of one entry, in the quote asset
     skew: float = 0.75  # tier 1: with-trend distance x (1 - skew*|bias|), against x (1 + skew*|bias|)
     refresh_pct: float = 0.5  # reprice a resting entry when its target moved this far (percent)
@@ -64,6 +81,8 @@ class GridConfig:
     caution_share: float = 0.7
     stop_share: float = 0.9
     max_exposure_quote: float = 1000.0
+    max_inventory_quote: float = math.inf  # cap on what one side may hold (positions at cost plus resting entries)
+    vol_ref_pct: float = 0.0  # hourly volatility (percent) the base distances are set for; 0: no scaling
     id_prefix: str = "g"
 
 
@@ -76,6 +95,7 @@ class Posture:
     strength: float = 0.0  # |bias| behind the skew, 0..1
     since: float = 0.0
     source: str = "mechanical"
+    spacing: float = 1.0  # multiplier of every distance (a regime expecting larger moves widens the grid)
 
     @property
     def favoured_leg(self) -> str | None:
@@ -138,6 +158,7 @@ class GridState:
     posture: Posture = field(default_factory=Posture)
     price: float | None = None
     regime: str = "RANGING"
+    vol_pct: float | None = None  # hourly volatility of the last tick, percent
     balances: Balances = field(default_factory=lambda: Balances(0.0, 0.0))
     orders: Mapping[str, Order] = field(default_factory=dict)
     legs: Mapping[str, str | None] = field(default_factory=dict)  # "0A" -> id of the order holding the leg
@@ -166,6 +187,7 @@ class Tick:
     regime: str
     posture: Posture
     balances: Balances
+    vol_pct: float | None = None  # recent hourly volatility, percent (None: not known yet, no scaling)
 
 
 @dataclass(frozen=True)
@@ -227,8 +249,16 @@ def initial_state(config: GridConfig, balances: Balances, now: float) -> GridSta
 # planning (pure helpers, also used by the status) -----------------------------------
 
 
-def entry_distance_pct(config: GridConfig, posture: Posture, slot: int, leg: str) -> float:
-    base = config.entry_pct + slot * config.slot_step_pct
+def spacing_scale(config: GridConfig, vol_pct: float | None, posture: Posture) -> float:
+    """The multiplier of every distance: volatility above ``vol_ref_pct`` widens the grid, as does the posture."""
+    scale = 1.0
+    if config.vol_ref_pct > 0 and vol_pct is not None and math.isfinite(vol_pct):
+        scale = max(1.0, vol_pct / config.vol_ref_pct)
+    return scale * max(1.0, posture.spacing)
+
+
+def entry_distance_pct(config: GridConfig, posture: Posture, slot: int, leg: str, scale: float = 1.0) -> float:
+    base = (config.entry_pct + slot * config.slot_step_pct) * scale
     fav = posture.favoured_leg
     if fav is None:
         return base
@@ -238,23 +268,30 @@ def entry_distance_pct(config: GridConfig, posture: Posture, slot: int, leg: str
     return base * (1.0 + s)
 
 
-def entry_price(config: GridConfig, posture: Posture, slot: int, leg: str, price: float) -> float:
-    d = entry_distance_pct(config, posture, slot, leg) / 100.0
+def entry_price(config: GridConfig, posture: Posture, slot: int, leg: str, price: float, scale: float = 1.0) -> float:
+    d = entry_distance_pct(config, posture, slot, leg, scale) / 100.0
     side = ENTRY_SIDE[leg]
     target = price * (1 + d) if side == SELL else price * (1 - d)
     return config.rules.round_price(target, side)
 
 
-def exit_price(config: GridConfig, side: str, entry: float, price: float | None) -> float:
-    """The exit's price: ``exit_pct`` from the entry, but never on the taking side of the market."""
+def exit_price(config: GridConfig, side: str, entry: float, price: float | None, scale: float = 1.0) -> float:
+    """The exit's price: ``exit_pct`` (times ``scale``) from the entry, never on the taking side of the market."""
+    x = config.exit_pct * scale / 100.0
+    target = entry * (1 + x) if side == SELL else entry * (1 - x)
+    return _passive(config, side, target, price)
+
+
+def _passive(config: GridConfig, side: str, target: float, price: float | None) -> float:
+    """``target`` on the pair's tick, moved off the taking side of ``price`` (post-only)."""
     rules = config.rules
     tick = 10.0**-rules.price_decimals
-    x = config.exit_pct / 100.0
+    target = rules.round_price(target, side)
+    if price is None:
+        return target
     if side == SELL:
-        target = rules.round_price(entry * (1 + x), SELL)
-        return target if price is None else max(target, rules.round_price(price + tick, SELL))
-    target = rules.round_price(entry * (1 - x), BUY)
-    return target if price is None else min(target, rules.round_price(price - tick, BUY))
+        return max(target, rules.round_price(price + tick, SELL))
+    return min(target, rules.round_price(price - tick, BUY))
 
 
 def suppressed(posture: Posture, leg: str) -> bool:
@@ -262,11 +299,54 @@ def suppressed(posture: Posture, leg: str) -> bool:
     return posture.tier >= 2 and leg == posture.against_leg
 
 
-def capacity(config: GridConfig, open_orders: int) -> dict[str, Any]:
+def side_cost(orders: Mapping[str, Order], side: str, *, resting: bool = True) -> float:
+    """What the entries of ``side`` put at stake, in the quote asset: their open positions at cost,
+    plus (with ``resting``) their resting entries.
+
+    A buy entry's position waits for a sell exit, a sell entry's for a buy exit. Each side is
+    counted gross, not net of the other: closing the longs of a balanced book must not leave its
+    shorts above the cap.
+    """
+    exit_side = SELL if side == BUY else BUY
+    total = 0.0
+    for o in orders.values():
+        if o.role == EXIT and o.side == exit_side:
+            total += (o.entry_price or o.price) * o.volume
+        elif resting and o.role == ENTRY and o.side == side and not o.cancelling:
+            total += o.price * o.volume
+    return total
+
+
+def capacity(config: GridConfig, orders: Mapping[str, Order]) -> dict[str, Any]:
+    """How full the grid is against its caps: the fuller side's positions (at cost) against the
+    inventory cap, the exposure against its cap, the open orders against ``max_open_orders``.
+
+    ``used`` is the largest of the three shares: ``caution`` from ``caution_share``, ``stop`` from
+    ``stop_share``. With the defaults a side's slots hold less than the inventory cap, so a fully
+    loaded side is ``caution``; ``stop`` means the grid's own caps are nearly reached.
+    """
     cap = config.max_open_orders
-    used = open_orders / cap if cap else 1.0
+    n = len(orders)
+    long_quote = side_cost(orders, BUY, resting=False)
+    short_quote = side_cost(orders, SELL, resting=False)
+    inv_cap = config.max_inventory_quote
+    shares = {
+        "inventory": max(long_quote, short_quote) / inv_cap if inv_cap > 0 else 1.0,  # 0 without a cap
+        "exposure": exposure_quote(orders) / config.max_exposure_quote if config.max_exposure_quote > 0 else 1.0,
+        "orders": n / cap if cap else 1.0,
+    }
+    used = max(shares.values())
     band = "stop" if used >= config.stop_share else "caution" if used >= config.caution_share else "normal"
-    return {"open_orders": open_orders, "max_open_orders": cap, "headroom": max(0, cap - open_orders), "band": band}
+    return {
+        "open_orders": n,
+        "max_open_orders": cap,
+        "headroom": max(0, cap - n),
+        "long_quote": long_quote,
+        "short_quote": short_quote,
+        "max_inventory_quote": inv_cap if math.isfinite(inv_cap) else None,
+        "used": round(used, 4),
+        "band": band,
+    }
 
 
 def exposure_quote(orders: Mapping[str, Order]) -> float:
@@ -367,29 +447,27 @@ def _on_tick(d: _Draft, ev: Tick, config: GridConfig) -> None:
     now = ev.now
     hour_ago = now - HOUR
     old, posture = d.base.posture, ev.posture
-    # The posture's age counts from the last change of tier or direction, whatever the caller says.
-    changed = (old.tier, old.direction) != (posture.tier, posture.direction)
+    # The posture's age counts from the last change of tier, direction or spacing, whatever the caller says.
+    changed = (old.tier, old.direction, old.spacing) != (posture.tier, posture.direction, posture.spacing)
     posture = replace(posture, since=now if changed else old.since)
     ev = replace(ev, posture=posture)
-    d.set(price=ev.price, regime=ev.regime, posture=posture, balances=ev.balances)
+    d.set(price=ev.price, regime=ev.regime, posture=posture, balances=ev.balances, vol_pct=ev.vol_pct)
     d.set(fill_times=tuple(t for t in d.base.fill_times if t > hour_ago))
+    scale = spacing_scale(config, ev.vol_pct, posture)
     _mark_recovery(d, now, config)
-    _refresh_entries(d, ev, config)
-    _replace_pending_exits(d, ev.price, config)
-    _place_entries(d, ev, config)
+    _refresh_entries(d, ev, scale, config)
+    _replace_pending_exits(d, ev.price, scale, config)
+    _place_entries(d, ev, scale, config)
 
 
 def _mark_recovery(d: _Draft, now: float, config: GridConfig) -> None:
     for oid, o in list(d.orders.items()):
         stranded = o.entry_at is not None and now - o.entry_at >= config.recovery_after_sec
         if o.role == EXIT and not o.recovery and stranded:
-            d.orders[oid] = replace(o, recovery=True)
-            key = leg_key(o.slot, o.leg)
-            if d.legs.get(key) == oid:
-                d.legs[key] = None  # the leg enters again; the exit stays on the book
+            d.orders[oid] = replace(o, recovery=True)  # it keeps its leg: no averaging down behind it
 
 
-def _refresh_entries(d: _Draft, ev: Tick, config: GridConfig) -> None:
+def _refresh_entries(d: _Draft, ev: Tick, scale: float, config: GridConfig) -> None:
     """Cancel entries that are stale or suppressed by tier 2 after the grace.
 
     An entry is stale when the market moved its target more than
@@ -405,7 +483,7 @@ def _refresh_entries(d: _Draft, ev: Tick, config: GridConfig) -> None:
             if past_grace:
                 _cancel(d, o, f"tier 2 {posture.direction}: against-trend entry suppressed")
             continue
-        target = entry_price(config, posture, o.slot, o.leg, ev.price)
+        target = entry_price(config, posture, o.slot, o.leg, ev.price, scale)
         if abs(o.price - target) / ev.price * 100.0 > config.refresh_pct:
             _cancel(d, o, "stale entry refreshed")
         elif o.placed_at < posture.since and o.price != target:
@@ -421,17 +499,17 @@ def _cancel(d: _Draft, o: Order, reason: str) -> None:
     d.actions.append(Cancel(o.id, reason))
 
 
-def _replace_pending_exits(d: _Draft, price: float, config: GridConfig) -> None:
+def _replace_pending_exits(d: _Draft, price: float, scale: float, config: GridConfig) -> None:
     """Exits the exchange has not taken yet (refused as post-only, deferred) are placed again, re-priced."""
     for oid, o in list(d.orders.items()):
         if o.role == EXIT and not o.open:
             assert o.entry_price is not None
-            fresh = replace(o, price=exit_price(config, o.side, o.entry_price, price))
+            fresh = replace(o, price=exit_price(config, o.side, o.entry_price, price, scale))
             d.orders[oid] = fresh
             d.actions.append(Place(fresh))
 
 
-def _place_entries(d: _Draft, ev: Tick, config: GridConfig) -> None:
+def _place_entries(d: _Draft, ev: Tick, scale: float, config: GridConfig) -> None:
     posture = ev.posture
     for key, holder in d.legs.items():
         if holder is not None:
@@ -440,7 +518,7 @@ def _place_entries(d: _Draft, ev: Tick, config: GridConfig) -> None:
         if suppressed(posture, leg):
             continue
         side = ENTRY_SIDE[leg]
-        price = entry_price(config, posture, slot, leg, ev.price)
+        price = entry_price(config, posture, slot, leg, ev.price, scale)
         volume = config.rules.round_volume(config.order_quote / price)
         problem = _entry_problem(d, config, side, price, volume)
         if problem:
@@ -469,6 +547,11 @@ def _entry_problem(d: _Draft, config: GridConfig, side: str, price: float, volum
     at_stake = exposure_quote(orders)
     if at_stake + price * volume > config.max_exposure_quote + 1e-9:
         return "exposure_cap", f"exposure would be {at_stake + price * volume:.2f}, cap {config.max_exposure_quote:g}"
+    position = side_cost(orders, side) + price * volume
+    if position > config.max_inventory_quote + 1e-9:
+        way = "long" if side == BUY else "short"
+        cap = config.max_inventory_quote
+        return "inventory_cap", f"the {way} side would hold {position:.2f}, the cap is {cap:g}"
     held = reserved(config, orders)
     bal = d.get("balances")
     if side == BUY:
@@ -523,8 +606,9 @@ def _on_fill(d: _Draft, fill: Fill, price: float, config: GridConfig) -> None:
     if o.role == ENTRY:
         exit_side = BUY if o.side == SELL else SELL
         oid = f"{config.id_prefix}{d.new_id()}-{key}"
+        scale = spacing_scale(config, d.get("vol_pct"), d.get("posture"))
         exit_order = Order(
-            oid, o.slot, o.leg, EXIT, exit_side, exit_price(config, exit_side, fill.price, price),
+            oid, o.slot, o.leg, EXIT, exit_side, exit_price(config, exit_side, fill.price, price, scale),
             volume, fill.ts, o.regime_at_entry, o.tier_at_entry, open=False,
             entry_price=fill.price, entry_fee=fill.fee, entry_at=fill.ts,
         )  # fmt: skip
@@ -656,6 +740,7 @@ def to_dict(state: GridState) -> dict[str, Any]:
         "posture": dict(state.posture.__dict__),
         "price": state.price,
         "regime": state.regime,
+        "vol_pct": state.vol_pct,
         "balances": dict(state.balances.__dict__),
         "orders": [dict(o.__dict__) for o in state.orders.values()],
         "legs": dict(state.legs),
@@ -691,6 +776,7 @@ def from_dict(data: Mapping[str, Any], config: GridConfig) -> GridState:
         posture=Posture(**data["posture"]),
         price=data.get("price"),
         regime=str(data.get("regime", "RANGING")),
+        vol_pct=float(data["vol_pct"]) if data.get("vol_pct") is not None else None,
         balances=Balances(**data["balances"]),
         orders=orders,
         legs=legs,

@@ -42,6 +42,7 @@ from grid_engine import (
     Rejected,
     Tick,
     capacity,
+    entry_distance_pct,
     exposure_quote,
     from_dict,
     initial_state,
@@ -49,14 +50,27 @@ from grid_engine import (
     mark_to_market,
     reduce,
     reserved,
+    spacing_scale,
     to_dict,
 )
-from grid_signals import TrendState, operational_signals, trend_from_dict, trend_to_dict, update_trend
+from grid_signals import (
+    TrendState,
+    VolState,
+    hourly_vol_pct,
+    operational_signals,
+    trend_from_dict,
+    trend_to_dict,
+    update_trend,
+    update_vol,
+    vol_from_dict,
+    vol_to_dict,
+)
 from paper_exchange import paper_exchange_factory
 
 log = logging.getLogger(__name__)
 
 OPEN_ORDERS_SHOWN = 40
+VOL_MIN_SAMPLES = 60  # an hour of 1m closes before the volatility counts
 
 
 @dataclass(frozen=True)
@@ -66,6 +80,7 @@ class RunnerSettings:
     trend_band_pct: float = 0.1
     kelly_min_samples: int = 20
     reconcile_every_sec: float = 300.0
+    vol_halflife_min: float = 60.0
 
 
 @dataclass
@@ -105,6 +120,7 @@ class GridRunner:
         self.exchange: Exchange | None = None
         self.state: GridState | None = None
         self.trend = TrendState()
+        self.vol = VolState()
         self.equity = EquityTrack()
         self.last_candle_time: int | None = None
         self._record_fill = record_fill
@@ -139,9 +155,10 @@ class GridRunner:
             self.trend = update_trend(
                 self.trend, c.time + 60, c.close, fast=s.trend_fast, slow=s.trend_slow, band_pct=s.trend_band_pct
             )
+            self.vol = update_vol(self.vol, c.close, halflife_min=s.vol_halflife_min)
         if fresh:
             self.last_candle_time = fresh[-1].time
-        self._apply(Tick(now, price, regime, posture, balances), now)
+        self._apply(Tick(now, price, regime, posture, balances, self.vol_pct), now)
         self._cancel_unclaimed(now)
         bal = self.state.balances
         self.equity.mark(bal.quote + bal.base * price, price, bal.base)
@@ -268,7 +285,12 @@ class GridRunner:
     def capacity_band(self) -> str:
         if self.state is None:
             return "normal"
-        return capacity(self.config, len(self.state.orders))["band"]
+        return capacity(self.config, self.state.orders)["band"]
+
+    @property
+    def vol_pct(self) -> float | None:
+        """Recent hourly volatility, percent (``None`` until an hour of closes was seen)."""
+        return hourly_vol_pct(self.vol, min_samples=VOL_MIN_SAMPLES)
 
     def operational(self, now: float) -> dict[str, Any] | None:
         if self.state is None:
@@ -323,6 +345,7 @@ class GridRunner:
                 "direction": p.direction,
                 "source": p.source,
                 "strength": round(p.strength, 4),
+                "spacing": p.spacing,
                 "since": p.since,
                 "suppressed_side": {"A": "sell", "B": "buy"}.get(p.against_leg or "") if p.tier >= 2 else None,
             },
@@ -344,7 +367,17 @@ class GridRunner:
                 "cycles": st.cycles,
                 "max_drawdown_pct": round(self.equity.max_drawdown_pct, 4),
             },
-            "capacity": capacity(cfg, len(st.orders)),
+            "capacity": capacity(cfg, st.orders),
+            "distances": {
+                "vol_pct": None if self.vol_pct is None else round(self.vol_pct, 4),
+                "vol_ref_pct": cfg.vol_ref_pct,
+                "scale": round(spacing_scale(cfg, self.vol_pct, p), 4),
+                "entry_pct": [
+                    round(entry_distance_pct(cfg, p, k, "B", spacing_scale(cfg, self.vol_pct, p)), 4)
+                    for k in range(cfg.slots)
+                ],
+                "exit_pct": round(cfg.exit_pct * spacing_scale(cfg, self.vol_pct, p), 4),
+            },
             "exposure": {"quote": exposure_quote(st.orders), "cap_quote": cfg.max_exposure_quote},
             "signals": {
                 "fills_last_hour": signals.get("fills_last_hour"),
@@ -388,6 +421,7 @@ class GridRunner:
             "engine": to_dict(self.state),
             "paper_book": book.to_dict() if book is not None else None,
             "trend": trend_to_dict(self.trend),
+            "vol": vol_to_dict(self.vol),
             "equity": eq.__dict__.copy(),
             "last_candle_time": self.last_candle_time,
         }
@@ -396,12 +430,13 @@ class GridRunner:
         """The state of :meth:`snapshot`; raises KeyError, TypeError or ValueError on a bad record."""
         state = from_dict(data["engine"], self.config)
         trend = trend_from_dict(data.get("trend") or {})
+        vol = vol_from_dict(data.get("vol") or {})
         eq = data.get("equity") or {}
         exchange = self._make_exchange(price or state.price or 1.0)
         book = getattr(exchange, "book", None)
         if book is not None and data.get("paper_book") is not None:
             book.restore(data["paper_book"])
-        self.state, self.trend, self.exchange = state, trend, exchange
+        self.state, self.trend, self.vol, self.exchange = state, trend, vol, exchange
         self.equity = EquityTrack(
             start=eq.get("start"),
             peak=float(eq.get("peak", 0.0)),
@@ -430,6 +465,8 @@ def grid_config(s: Settings, rules: PairRules, *, id_prefix: str = "g") -> GridC
         caution_share=s.GRID_CAPACITY_CAUTION_SHARE,
         stop_share=s.GRID_CAPACITY_STOP_SHARE,
         max_exposure_quote=s.GRID_MAX_EXPOSURE_USD,
+        max_inventory_quote=s.GRID_MAX_INVENTORY_USD,
+        vol_ref_pct=s.GRID_VOL_REF_PCT,
         id_prefix=id_prefix,
     )
 
@@ -441,6 +478,7 @@ def runner_settings(s: Settings) -> RunnerSettings:
         trend_band_pct=s.GRID_TREND_BAND_PCT,
         kelly_min_samples=s.GRID_KELLY_MIN_SAMPLES,
         reconcile_every_sec=s.GRID_RECONCILE_INTERVAL_SEC,
+        vol_halflife_min=s.GRID_VOL_HALFLIFE_MIN,
     )
 
 

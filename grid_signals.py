@@ -15,6 +15,7 @@ entry was placed in.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -49,6 +50,49 @@ def update_trend(trend: TrendState, ts: float, close: float, *, fast: int, slow:
     return TrendState(state, since, ema_fast, ema_slow, samples)
 
 
+@dataclass(frozen=True)
+class VolState:
+    """Recent volatility of 1-minute closes: an exponential average of absolute log returns."""
+
+    mean_abs: float | None = None  # EWMA of |log return| per minute
+    last_close: float | None = None
+    samples: int = 0
+
+
+def update_vol(vol: VolState, close: float, *, halflife_min: float) -> VolState:
+    """``vol`` after one more 1-minute close (a gap counts as one return)."""
+    if vol.last_close is None or close <= 0 or vol.last_close <= 0:
+        return VolState(vol.mean_abs, close if close > 0 else vol.last_close, vol.samples)
+    r = abs(math.log(close / vol.last_close))
+    a = 1.0 - 0.5 ** (1.0 / halflife_min)
+    mean = r if vol.mean_abs is None else vol.mean_abs + a * (r - vol.mean_abs)
+    return VolState(mean, close, vol.samples + 1)
+
+
+def hourly_vol_pct(vol: VolState, *, min_samples: int) -> float | None:
+    """The volatility of one hour, percent of price (``None`` before ``min_samples`` returns).
+
+    The mean absolute return of a normal distribution is ``sigma * sqrt(2/pi)``, and a random
+    walk's hour is ``sqrt(60)`` minutes: a robust estimate that one wild minute cannot blow up.
+    """
+    if vol.mean_abs is None or vol.samples < min_samples:
+        return None
+    return vol.mean_abs * math.sqrt(math.pi / 2.0) * math.sqrt(60.0) * 100.0
+
+
+def vol_to_dict(v: VolState) -> dict[str, Any]:
+    return {"mean_abs": v.mean_abs, "last_close": v.last_close, "samples": v.samples}
+
+
+def vol_from_dict(d: dict[str, Any]) -> VolState:
+    mean, last = d.get("mean_abs"), d.get("last_close")
+    return VolState(
+        float(mean) if mean is not None else None,
+        float(last) if last is not None else None,
+        int(d.get("samples", 0)),
+    )
+
+
 def trend_to_dict(t: TrendState) -> dict[str, Any]:
     return {"state": t.state, "since": t.since, "ema_fast": t.ema_fast, "ema_slow": t.ema_slow, "samples": t.samples}
 
@@ -67,7 +111,7 @@ def operational_signals(
     state: GridState, config: GridConfig, trend: TrendState, now: float, *, kelly_min_samples: int
 ) -> dict[str, Any]:
     """What the advisor context's ``operational`` holds (and the grid status shows under ``signals``)."""
-    cap = capacity(config, len(state.orders))
+    cap = capacity(config, state.orders)
     hour_ago = now - 3600.0
     edges = with_stranded_losses(state, state.price)
     regimes = sorted(set(REGIME_LABELS) | set(edges))

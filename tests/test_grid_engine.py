@@ -20,6 +20,7 @@ from candles import Candle
 from exchange import BUY, SELL, Balances, Fill, PairRules
 from grid_engine import (
     CYCLES_KEPT,
+    ENTRY,
     EXIT,
     LONG_BIAS,
     MIN_WITH_TREND_SHARE,
@@ -42,6 +43,8 @@ from grid_engine import (
     mark_to_market,
     reduce,
     reserved,
+    side_cost,
+    spacing_scale,
     to_dict,
 )
 from grid_runner import GridRunner
@@ -488,27 +491,27 @@ def test_an_entry_is_not_refreshed_below_refresh_pct():
 # recovery -----------------------------------------------------------------------------
 
 
-def test_an_old_exit_becomes_a_recovery_order_and_frees_its_leg():
+def test_an_old_exit_becomes_a_recovery_order_and_keeps_its_leg():
     state, sell_exit = entry_filled("0B")  # entry filled at T0 + 60
     state, actions = step(state, T0 + 60 + 7199)
     assert actions == [] and not state.orders[sell_exit.id].recovery
 
-    state, actions = step(state, T0 + 60 + 7200)
+    # Flagged, not released: the leg does not buy again lower behind a stranded position.
+    state, actions = step(state, T0 + 60 + 7200, price=0.95)
     assert state.orders[sell_exit.id].recovery
-    assert cancelled(actions) == []
-    new_entry = places(actions)["0B"]
-    assert new_entry.role == "entry" and state.legs["0B"] == new_entry.id
+    assert state.legs["0B"] == sell_exit.id and "0B" not in places(actions)
+    assert state.orders[sell_exit.id].price == sell_exit.price  # and its target stays: no loss is booked
 
 
-def test_a_recovery_order_still_completes_a_cycle():
+def test_a_recovery_order_completes_a_cycle_and_its_leg_enters_again():
     state, sell_exit = entry_filled("0B")
     state, _ = step(state, T0 + 60 + 7200)
-    new_entry = held_by(state, "0B")
     state, actions = fill(state, state.orders[sell_exit.id], T0 + 8000)
     assert actions == []
     assert state.cycles == 1 and state.realized_quote == pytest.approx(1.48005, abs=1e-9)
-    assert sell_exit.id not in state.orders
-    assert state.legs["0B"] == new_entry.id  # the recovery did not hold the leg any more
+    assert sell_exit.id not in state.orders and state.legs["0B"] is None
+    _, actions = tick(state, T0 + 8060)
+    assert places(actions)["0B"].role == "entry"
 
 
 # funds, exposure and capacity ---------------------------------------------------------
@@ -591,16 +594,93 @@ def test_max_open_orders_skips_entries_as_capacity():
     assert state.skipped == {"capacity": 1}
 
 
+def resting(n: int, side: str = BUY) -> dict[str, Order]:
+    return {f"e{i}": Order(f"e{i}", 0, "B", ENTRY, side, 1.0, 1.0, T0, "RANGING", 0, open=True) for i in range(n)}
+
+
+def position(oid: str, side: str, cost: float) -> Order:
+    """An exit holding a position that cost ``cost`` (a sell exit holds a long, a buy exit a short)."""
+    return Order(oid, 0, "B" if side == SELL else "A", EXIT, side, 2.0, cost, T0, "RANGING", 0, open=True,
+                 entry_price=1.0, entry_at=T0)  # fmt: skip
+
+
 @pytest.mark.parametrize(
     "open_orders, band, headroom",
     [(0, "normal", 10), (6, "normal", 4), (7, "caution", 3), (8, "caution", 2), (9, "stop", 1), (10, "stop", 0),
      (12, "stop", 0)],
 )  # fmt: skip
-def test_capacity_bands(open_orders, band, headroom):
+def test_capacity_bands_by_open_orders(open_orders, band, headroom):
     config = GridConfig(max_open_orders=10, caution_share=0.7, stop_share=0.9)
-    assert capacity(config, open_orders) == {
-        "open_orders": open_orders, "max_open_orders": 10, "headroom": headroom, "band": band
-    }  # fmt: skip
+    cap = capacity(config, resting(open_orders))
+    assert (cap["open_orders"], cap["max_open_orders"], cap["headroom"], cap["band"]) == (
+        open_orders, 10, headroom, band
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "longs, shorts, band",
+    [((), (), "normal"), ((30.0, 30.0), (60.0,), "normal"), ((40.0, 35.0), (), "caution"), ((), (50.0, 40.0), "stop"),
+     ((50.0, 40.0), (50.0, 40.0), "stop")],
+)  # fmt: skip
+def test_capacity_band_by_the_fuller_side_against_the_inventory_cap(longs, shorts, band):
+    config = GridConfig(max_inventory_quote=100.0, max_open_orders=1000)
+    orders = {f"L{i}": position(f"L{i}", SELL, c) for i, c in enumerate(longs)}
+    orders |= {f"S{i}": position(f"S{i}", BUY, c) for i, c in enumerate(shorts)}
+    cap = capacity(config, orders)
+    assert cap["band"] == band
+    assert (cap["long_quote"], cap["short_quote"]) == (pytest.approx(sum(longs)), pytest.approx(sum(shorts)))
+    assert cap["used"] == pytest.approx(max(sum(longs), sum(shorts)) / 100.0)
+
+
+def test_capacity_band_by_exposure():
+    config = GridConfig(max_exposure_quote=10.0, max_open_orders=1000)
+    assert capacity(config, resting(6))["band"] == "normal"
+    assert capacity(config, resting(7))["band"] == "caution"
+    assert capacity(config, resting(9))["band"] == "stop"
+
+
+def test_the_inventory_cap_counts_one_sides_positions_and_resting_entries():
+    config = replace(CONFIG, slots=3, max_inventory_quote=250.0)
+    state = started(config=config)
+    # Two entries of 99 USD per side rest; a third would make 297.
+    assert state.legs["2A"] is None and state.legs["2B"] is None
+    assert state.skipped == {"inventory_cap": 2}
+    messages = sorted(n["message"] for n in notes(state, "inventory_cap"))
+    assert messages[0].startswith("slot 2 A sell entry not placed: the short side would hold 29")
+    assert messages[1].startswith("slot 2 B buy entry not placed: the long side would hold 29")
+
+    # A filled entry's position counts at its cost, and the other side's positions do not offset it.
+    state, _ = fill(state, held_by(state, "0B"), T0 + 60)
+    state, _ = fill(state, held_by(state, "0A"), T0 + 70)
+    state, actions = step(state, T0 + 120, config=config)
+    assert actions == [] and state.legs["2B"] is None
+    assert side_cost(state.orders, BUY) == pytest.approx(198.0, abs=0.01)
+    # The short position closes: still no third buy, the long side holds the same.
+    state, _ = fill(state, held_by(state, "0A"), T0 + 180)
+    state, actions = step(state, T0 + 240, config=config)
+    assert "2B" not in places(actions) and "0A" in places(actions)
+
+
+def test_volatility_above_the_reference_widens_entries_and_exits():
+    config = replace(CONFIG, vol_ref_pct=0.5)
+    _, calm = reduce(initial_state(config, PLENTY, T0), Tick(T0, 1.0, "RANGING", FLAT, PLENTY, 0.4), config)
+    assert {k: o.price for k, o in places(calm).items()} == {"0A": 1.01, "0B": 0.99, "1A": 1.02, "1B": 0.98}
+    state, actions = reduce(initial_state(config, PLENTY, T0), Tick(T0, 1.0, "RANGING", FLAT, PLENTY, 1.0), config)
+    # One hourly percent is twice the reference: every distance doubles.
+    assert {k: o.price for k, o in places(actions).items()} == {"0A": 1.02, "0B": 0.98, "1A": 1.04, "1B": 0.96}
+    state = accept(state, actions, T0, config)
+    state, actions = reduce(state, Filled(fill_of(held_by(state, "0B"), T0 + 60), 0.98), config)
+    assert places(actions)["0B"].price == pytest.approx(0.98 * 1.04)  # the exit 2 x 2% above the fill
+
+
+def test_a_wider_posture_spacing_reprices_resting_entries_at_once():
+    state = started()
+    old = {state.legs[k] for k in LEG_KEYS}
+    state, actions = step(state, T0 + 60, posture=Posture(spacing=1.5))
+    assert set(cancelled(actions)) == old
+    assert {k: o.price for k, o in places(actions).items()} == {"0A": 1.015, "0B": 0.985, "1A": 1.03, "1B": 0.97}
+    _, actions = step(state, T0 + 120, posture=Posture(spacing=1.5))
+    assert actions == []
 
 
 # what the exchange answers ------------------------------------------------------------
@@ -701,7 +781,7 @@ def busy_state() -> GridState:
     state, sell_exit = entry_filled("0B")
     state, _ = fill(state, held_by(state, "0A"), T0 + 70)
     state, _ = fill(state, state.orders[state.legs["0A"]], T0 + 80)
-    state, _ = step(state, T0 + 60 + 7200, price=1.001, posture=long_bias(2, 0.5), balances=Balances(150.0, 500.0))
+    state, _ = step(state, T0 + 60 + 7200, price=1.001, posture=long_bias(1, 0.5), balances=Balances(150.0, 50.0))
     state, _ = reduce(state, Rejected(sell_exit.id, "other", "busy", T0 + 7300), CONFIG)
     assert state.orders[sell_exit.id].recovery and state.cycles == 1 and state.skipped and state.blocked
     return state
@@ -757,16 +837,20 @@ def random_walk(rng: np.random.Generator, n: int, start: float, t0: int) -> list
 def random_posture(rng: np.random.Generator) -> Posture:
     tier = int(rng.integers(0, 3))
     direction = (LONG_BIAS, SHORT_BIAS)[int(rng.integers(0, 2))] if tier else "symmetric"
-    return Posture(tier=tier, direction=direction, strength=float(rng.uniform(0, 1)) if tier else 0.0)
+    strength = float(rng.uniform(0, 1)) if tier else 0.0
+    return Posture(tier=tier, direction=direction, strength=strength, spacing=float(rng.choice([1.0, 1.0, 2.0])))
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_a_random_walk_on_the_paper_exchange_keeps_the_books_straight(seed):
     rng = np.random.default_rng(seed)
     rules = PairRules()
-    config = GridConfig(rules=rules, slots=3, entry_pct=0.35, slot_step_pct=0.35, exit_pct=1.0, order_quote=20.0,
-                        recovery_after_sec=3600.0, max_open_orders=14, max_exposure_quote=250.0)  # fmt: skip
-    candles = random_walk(rng, 3000, 0.1, int(T0))
+    # Five slots of 20 USD could hold 100 a side: the inventory cap of 50 binds, and distances scale with the
+    # volatility the runner measures (about 0.8 % an hour on this walk, above the 0.6 % reference).
+    config = GridConfig(rules=rules, slots=5, entry_pct=0.35, slot_step_pct=0.35, exit_pct=1.0, order_quote=20.0,
+                        recovery_after_sec=3600.0, max_open_orders=14, max_exposure_quote=250.0,
+                        max_inventory_quote=50.0, vol_ref_pct=0.6)  # fmt: skip
+    candles = random_walk(rng, 6000, 0.1, int(T0))
     exchange = PaperExchange(rules, quote=500.0, base=5000.0)
     start_base, start_price = 5000.0, candles[0].close
     start_equity = 500.0 + start_base * start_price
@@ -775,7 +859,7 @@ def test_a_random_walk_on_the_paper_exchange_keeps_the_books_straight(seed):
 
     cycles, posture, regimes = [], FLAT, ("RANGING", "BULLISH", "BEARISH")
     exits_seen: set[str] = set()
-    recovery_steps = suppressed_steps = 0
+    recovery_steps = suppressed_steps = capped_steps = scaled_steps = 0
     for c in candles:
         if rng.random() < 0.01:
             posture = random_posture(rng)
@@ -798,14 +882,21 @@ def test_a_random_walk_on_the_paper_exchange_keeps_the_books_straight(seed):
         assert exits_seen - exits_now <= filled_ids
         exits_seen |= exits_now
         recovery_steps += any(o.recovery for o in state.orders.values())
+        # the inventory cap holds on each side, whatever fills (the slots alone would allow 100)
+        for side in (BUY, SELL):
+            assert side_cost(state.orders, side) <= config.max_inventory_quote + 1e-6
+        capped_steps += "inventory_cap" in state.blocked.values()
+        scaled_steps += spacing_scale(config, state.vol_pct, state.posture) > 1.0
         p = state.posture
         if p.tier == 2 and now - p.since >= config.grace_sec:
             suppressed_steps += 1
             assert not [o for o in state.orders.values() if o.role == "entry" and o.leg == p.against_leg]
 
     state, end_price = runner.state, candles[-1].close
-    assert len(cycles) == state.cycles > 20 and recovery_steps > 0 and suppressed_steps > 0
-    assert all(c.net_quote > 0 for c in cycles)
+    assert len(cycles) == state.cycles > 5 and recovery_steps > 0 and suppressed_steps > 0
+    assert capped_steps > 0 and scaled_steps > 0
+    # every cycle nets more than both fees, at any spacing
+    assert all(c.net_quote > 0 and c.gross_quote > c.fees_quote for c in cycles)
     assert state.realized_quote == pytest.approx(sum(c.net_quote for c in cycles), abs=1e-9)
     assert state.fees_quote == pytest.approx(sum(f["fee"] for f in fills), abs=1e-9)
     end = exchange.balances()

@@ -193,14 +193,15 @@ def keys(names: str) -> set[str]:
 
 # the `grid` block of /tmp/design/status_blocks.md
 GRID_KEYS = keys(
-    "exchange pair base_asset quote_asset posture balances pnl capacity exposure signals slots open_orders "
+    "exchange pair base_asset quote_asset posture balances pnl capacity distances exposure signals slots open_orders "
     "recent_fills recent_cycles notes"
 )
 NESTED_KEYS = {
-    "posture": keys("tier direction source strength suppressed_side since"),
+    "posture": keys("tier direction source strength spacing suppressed_side since"),
     "balances": keys("quote base quote_reserved base_reserved quote_free base_free price equity_quote"),
     "pnl": keys("start_equity_quote net_quote realized_quote fees_quote cycles max_drawdown_pct"),
-    "capacity": keys("open_orders max_open_orders headroom band"),
+    "capacity": keys("open_orders max_open_orders headroom long_quote short_quote max_inventory_quote used band"),
+    "distances": keys("vol_pct vol_ref_pct scale entry_pct exit_pct"),
     "exposure": keys("quote cap_quote"),
     "signals": keys("fills_last_hour recovery_orders trend kelly kelly_min_samples"),
 }

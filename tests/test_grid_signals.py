@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from exchange import BUY, SELL, Balances
@@ -11,10 +13,15 @@ from grid_signals import (
     BULLISH,
     NEUTRAL,
     TrendState,
+    VolState,
+    hourly_vol_pct,
     operational_signals,
     trend_from_dict,
     trend_to_dict,
     update_trend,
+    update_vol,
+    vol_from_dict,
+    vol_to_dict,
     with_stranded_losses,
 )
 
@@ -201,3 +208,36 @@ def test_operational_capacity_band_follows_the_open_orders(orders, band, headroo
     assert (signals["capacity_band"], signals["capacity_headroom"]) == (band, headroom)
     assert signals["trend"] == {"state": NEUTRAL, "since": None, "ema_fast": None, "ema_slow": None}
     assert signals["fills_last_hour"] == 0 and signals["recovery_orders"] == 0
+
+
+# volatility -------------------------------------------------------------------------------
+
+
+def test_hourly_volatility_of_a_steady_walk():
+    # Every minute moves 0.1 % up or down: the mean absolute return is 0.001 (in log terms, nearly),
+    # so an hour's volatility reads 0.1 % x sqrt(pi/2) x sqrt(60) = 0.971 %.
+    vol, price = VolState(), 1.0
+    for i in range(600):
+        price *= 1.001 if i % 2 else 1 / 1.001
+        vol = update_vol(vol, price, halflife_min=60)
+    assert hourly_vol_pct(vol, min_samples=60) == pytest.approx(0.1 * math.sqrt(math.pi / 2 * 60), rel=1e-3)
+
+
+def test_volatility_needs_its_samples_and_survives_a_snapshot():
+    vol = VolState()
+    for i in range(30):
+        vol = update_vol(vol, 1.0 + 0.01 * (i % 3), halflife_min=60)
+    assert vol.samples == 29 and hourly_vol_pct(vol, min_samples=60) is None
+    assert vol_from_dict(vol_to_dict(vol)) == vol
+    assert vol_from_dict({}) == VolState()
+
+
+def test_one_wild_minute_moves_the_estimate_by_its_weight_only():
+    vol = VolState()
+    for _ in range(200):
+        vol = update_vol(vol, 1.0, halflife_min=60)
+    calm = hourly_vol_pct(vol, min_samples=60)
+    vol = update_vol(vol, 1.2, halflife_min=60)  # a 20 % minute, once
+    a = 1 - 0.5 ** (1 / 60)
+    assert calm == 0.0
+    assert vol.mean_abs == pytest.approx(a * math.log(1.2))
