@@ -79,6 +79,8 @@ def run_file(path: str, overrides: dict, response: str = "symmetric") -> dict:
         from signal_cache import load
 
         sig = load(path)
+        if len(sig["t"]) == len(candles) - 1:  # a cache made before the last cycle was recorded
+            sig = {k: np.append(v, v[-1:], axis=0) for k, v in sig.items()}
         if len(sig["t"]) != len(candles):
             raise ValueError(f"{path}: the signal cache has {len(sig['t'])} cycles for {len(candles)} candles")
         plan = postures(response, sig, candles[0].time + 60)

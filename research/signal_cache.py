@@ -59,7 +59,7 @@ def build(path: str, overrides: dict | None = None) -> str:
     rows: dict[str, list] = {k: [] for k in ("t", "price", "p1", "p15", "conf", "bias", "regime", "modifier",
                                              "quality", "tier", "direction", "conf1", "conf15")}  # fmt: skip
     nan3 = (math.nan, math.nan, math.nan)
-    while not market.finished:
+    while True:  # as the bot's Runner: a cycle, then stop once the file is done (one cycle per candle)
         bot.tick()
         price = bot.pipeline.price()
         mech = bot.mechanical_state()
@@ -78,6 +78,8 @@ def build(path: str, overrides: dict | None = None) -> str:
         rows["quality"].append(QUALITY[depth.quality_tier])
         rows["tier"].append(mech.tier)
         rows["direction"].append(DIRECTIONS[mech.direction])
+        if market.finished:
+            break
         clock.advance(60)
     CACHE.mkdir(parents=True, exist_ok=True)
     out = cache_path(path)
