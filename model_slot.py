@@ -83,6 +83,12 @@ class ModelSlot:
         return tier.confidence_modifier if tier else 0.0
 
     @property
+    def quality_tier(self) -> str | None:
+        """The training-depth quality tier of the live model (``None`` when untrained)."""
+        tier = quality_tier(self.trained_candles, self.spec.target, self.spec.min_samples)
+        return tier.name if tier else None
+
+    @property
     def window_size(self) -> int:
         return self.detector.window_size
 
