@@ -103,16 +103,20 @@ class RunStats:
         symmetric: float,
     ) -> None:
         """One replay cycle's record: what the scorecard and the plot are computed from."""
-        series = self.series
-        if not series:
-            series.update((key, []) for key in CYCLE_SERIES)
-        for key, value in zip(
-            CYCLE_SERIES,
-            (ts, price, tier, DIRECTION_SIGN[direction], mechanical_tier, int(shallow), int(capacity_stop),
-             int(symmetric_capacity_stop), regime_aware, symmetric),
-            strict=True,
-        ):  # fmt: skip
-            series[key].append(value)
+        s = self.series
+        if not s:
+            s.update((key, []) for key in CYCLE_SERIES)
+        # One append per series, spelled out: this runs every cycle of a replay.
+        s["t"].append(ts)
+        s["price"].append(price)
+        s["tier"].append(tier)
+        s["direction"].append(DIRECTION_SIGN[direction])
+        s["mechanical_tier"].append(mechanical_tier)
+        s["shallow"].append(int(shallow))
+        s["capacity_stop"].append(int(capacity_stop))
+        s["symmetric_capacity_stop"].append(int(symmetric_capacity_stop))
+        s["regime_aware"].append(regime_aware)
+        s["symmetric"].append(symmetric)
 
 
 class Bot:
