@@ -264,6 +264,7 @@ def run(argv: list[str] | None = None) -> int:
         files = replay_batch.replay_files(args.replay) if args.replay else []
         replay_batch.check_usage(args, files)
         reports = replay_batch.report_paths(files, report=args.report, report_dir=args.report_dir)
+        replay_batch.make_report_dir(args.report_dir if files else None)
     except ConfigError as exc:
         print(f"bot.py: {exc}", file=sys.stderr)
         return 2

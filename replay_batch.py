@@ -123,6 +123,16 @@ def check_usage(args: argparse.Namespace, files: Sequence[str]) -> None:
         raise ConfigError(f"--jobs must be at least 1, got {args.jobs}")
 
 
+def make_report_dir(report_dir: str | None) -> None:
+    """Create ``--report-dir`` before anything runs: one that cannot exist is a usage error."""
+    if report_dir is None:
+        return
+    try:
+        Path(report_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"--report-dir {report_dir}: {exc.strerror or exc}") from exc
+
+
 def summary_dir(report_dir: str | None, first_report: Path) -> Path:
     """``--report-dir``, else the directory of the first file's report (beside the file by default)."""
     return Path(report_dir) if report_dir is not None else first_report.parent

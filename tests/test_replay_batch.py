@@ -284,6 +284,12 @@ def test_usage_errors_of_a_batch_exit_2(tmp_path, capsys, extra, message):
     assert message in capsys.readouterr().err
 
 
+def test_a_report_dir_that_cannot_exist_is_a_usage_error(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    assert app.run(["--replay", str(tmp_path / "a_1m.csv"), "--report-dir", str(tmp_path / "file" / "out")]) == 2
+    assert "--report-dir" in capsys.readouterr().err
+
+
 def test_batch_flags_need_replay(capsys):
     assert app.run(["--market", "sim", "--report-dir", "out"]) == 2
     assert "--report-dir only applies to --replay" in capsys.readouterr().err
