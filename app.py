@@ -24,6 +24,7 @@ from typing import Any
 from threadpoolctl import threadpool_limits
 
 import dashboard
+import replay_batch
 import store_migration
 from bot import SIM_DB_DEFAULT, Bot, Runner
 from candles import MarketData, read_candles_csv
@@ -38,7 +39,7 @@ from kraken_exchange import KrakenExchange
 from kraken_private import KrakenPrivateClient, NonceSource
 from market_sim import SimParams, SimulatedMarket
 from mirrored_store import open_store
-from pair_rules import describe_rules, kraken_table_rules, replay_pair, sim_pair
+from pair_rules import describe_rules, kraken_table_rules, replay_pair, replay_table_pair, sim_pair
 from replay import ReplayMarket, replay_report, strategies_report
 from replay_plot import write_plot
 from store import SQLiteStore, Store
@@ -47,7 +48,7 @@ from trades_backfill import TradesBackfill
 log = logging.getLogger("bot")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="bot.py",
         description="Regime-aware grid bot for Kraken. Without flags: paper trading on live Kraken "
@@ -66,10 +67,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     mode.add_argument(
         "--replay",
+        nargs="+",
         metavar="FILE.csv",
         help="run the bot over 1-minute candles (time,open,high,low,close,volume; unix "
-        "seconds) on a simulated clock as fast as possible, write a JSON report, exit; "
-        "uses an in-memory store unless --db is given",
+        "seconds) on a simulated clock as fast as possible, write a JSON report and a plot per "
+        "file and summary.json/summary.md over all of them, exit; several files (or a folder "
+        "of *_1m.csv files) run in parallel, one process each; uses an in-memory store unless "
+        "--db is given (one file only)",
     )
     mode.add_argument(
         "--live",
@@ -94,7 +98,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Kraken pair (PAIR), e.g. XBTUSD; with --replay, the built-in pair whose rules every replayed "
         "file trades under (default: the pair the file name starts with, else rules from its prices)",
     )
-    p.add_argument("--report", metavar="PATH", help="replay report path (default: FILE.report.json)")
+    p.add_argument("--report", metavar="PATH", help="replay report path, one file only (default: FILE.csv.report.json)")
+    p.add_argument(
+        "--report-dir",
+        metavar="DIR",
+        help="replay: write every file's report and plot (NAME.report.json/.html) and summary.json and "
+        "summary.md here (default: reports beside each file, the summary beside the first report)",
+    )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        metavar="N",
+        help="replay: files replayed at once, one process each (default: min(files, CPU cores))",
+    )
+    p.add_argument(
+        "--replay-worker",
+        action="store_true",
+        help="internal, used by a multi-file --replay for each of its files: progress and result as "
+        "JSON lines on stdout, no summary, SIGTERM stops at once",
+    )
     p.add_argument(
         "--serve",
         action="store_true",
@@ -102,7 +124,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (LOG_LEVEL)")
     p.add_argument("--env-file", default=".env", help="settings file to read (default .env)")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 @dataclass
@@ -289,8 +315,23 @@ def _sim_resume_time(store: Store, s: Settings) -> float:
     return float(saved) if isinstance(saved, (int, float)) and saved > s.SIM_START else float(s.SIM_START)
 
 
+# A batch handles these itself; every other flag the user gave reaches its workers.
+BATCH_ONLY_FLAGS = ("replay", "report", "report_dir", "jobs", "serve", "replay_worker")
+
+
 def run(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        files = replay_batch.replay_files(args.replay) if args.replay else []
+        replay_batch.check_usage(args, files)
+        if files and args.pair:
+            replay_table_pair(args.pair)  # an unknown --pair is the whole command's error, not each file's
+        reports = replay_batch.report_paths(files, report=args.report, report_dir=args.report_dir)
+        replay_batch.make_report_dir(args.report_dir if files else None)
+    except ConfigError as exc:
+        print(f"bot.py: {exc}", file=sys.stderr)
+        return 2
     overrides = {
         "HTTP_HOST": args.host,
         "HTTP_PORT": args.port,
@@ -312,6 +353,23 @@ def run(argv: list[str] | None = None) -> int:
     logging.getLogger("hmmlearn").setLevel(logging.ERROR)
     if args.migrate_to_supabase:
         return store_migration.run(settings, settings.DB_PATH, sys.stdout)
+    if len(files) > 1:
+        flags = replay_batch.forwarded_flags(parser, args, BATCH_ONLY_FLAGS)
+        if args.log_level is None:  # the workers' own log: problems only, unless asked for more
+            flags.append("--log-level=WARNING")
+        return replay_batch.run_batch(
+            files,
+            reports,
+            jobs=args.jobs or min(len(files), os.cpu_count() or 1),
+            summary_to=replay_batch.summary_dir(args.report_dir, reports[0]),
+            flags=flags,
+        )
+    outcome = None  # how a replay of one file reports its progress and its row
+    if files:  # build_app replays one file
+        args.replay, args.report = files[0], str(reports[0])
+        outcome = replay_batch.FileOutcome.of_one_file(
+            files[0], reports[0], worker=args.replay_worker, report_dir=args.report_dir, out=sys.stdout
+        )
 
     # The HTTP threads wait for the GIL while the loop computes: a shorter switch
     # interval, and no BLAS/OpenMP worker threads (the matrices are tiny) competing
@@ -322,15 +380,22 @@ def run(argv: list[str] | None = None) -> int:
     try:
         app = build_app(args, settings, stop_event)
     except (ConfigError, BadData) as exc:
+        if outcome is not None:  # a file that cannot be replayed is its row of the summary
+            return outcome.failed(str(exc))
         print(f"bot.py: {exc}", file=sys.stderr)
         return 2
 
+    received: list[int] = []
+
     def on_signal(signum: int, _frame: Any) -> None:
         log.info("%s received: stopping", signal.Signals(signum).name)
+        received.append(signum)
         stop_event.set()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    if not args.replay_worker:  # a batch's worker ends at once when the batch stops it
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+    code = 0
     try:
         app.bot.start()
         app.runner.publish()  # the API answers with the restored state from its first request
@@ -339,29 +404,45 @@ def run(argv: list[str] | None = None) -> int:
             log.info(
                 "dashboard on http://%s:%d/ (mode %s, pair %s)", settings.HTTP_HOST, port, app.bot.mode, settings.PAIR
             )
+        until = app.until
+        if outcome is not None and app.replay is not None and app.until is not None:
+            until = outcome.watch(app.until, app.bot.clock.now, app.replay.start_time, app.replay.end_time)
         wall_started = time.perf_counter()
-        app.runner.run(app.until)
+        app.runner.run(until)
         wall_sec = time.perf_counter() - wall_started
         app.bot.shutdown()
-        if app.replay:
-            _finish_replay(app, args, wall_sec)
+        if app.replay and outcome is not None:
+            complete = app.replay.finished
+            report = _finish_replay(app, args, wall_sec)
+            if complete:
+                code = outcome.done(report)
+            else:  # stopped by a signal: the report shows how far it got, the summary has no figures
+                code = outcome.interrupted(app.bot.clock.now(), received[0] if received else signal.SIGTERM)
             if app.server and not stop_event.is_set():
                 log.info("serving the dashboard until Ctrl-C")
                 stop_event.wait()
     except BotError as exc:
-        print(f"bot.py: {exc}", file=sys.stderr)
-        return 2
+        if outcome is None:
+            print(f"bot.py: {exc}", file=sys.stderr)
+            return 2
+        code = outcome.failed(str(exc))
+    except Exception as exc:
+        if outcome is None:
+            raise
+        log.exception("the replay of %s failed", args.replay)
+        code = outcome.failed(f"{type(exc).__name__}: {exc}")
     finally:
         if app.server:
             app.server.stop()
         for close in app.cleanup:
             close()
-    log.info("stopped cleanly")
-    return 0
+    if code == 0:
+        log.info("stopped cleanly")
+    return code
 
 
-def _finish_replay(app: App, args: argparse.Namespace, wall_sec: float) -> None:
-    """Write the replay report, and the equity plot beside it."""
+def _finish_replay(app: App, args: argparse.Namespace, wall_sec: float) -> dict[str, Any]:
+    """Write the replay report, and the equity plot beside it; returns the report."""
     bot, market = app.bot, app.replay
     assert market is not None and bot.baseline is not None
     series = bot.stats.series
@@ -400,6 +481,7 @@ def _finish_replay(app: App, args: argparse.Namespace, wall_sec: float) -> None:
             "%-12s net %+.2f USD, max drawdown %.2f%%, %d cycles, fees %.2f USD",
             name, figures["net_pnl_usd"], figures["max_drawdown_pct"], figures["cycles"], figures["fees_usd"],
         )  # fmt: skip
+    return report
 
 
 def _write_json_atomically(path: Path, data: dict) -> None:

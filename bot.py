@@ -64,6 +64,21 @@ MAX_RETRAIN_RECORDS = 2000
 NO_BACKFILL = {"enabled": False, "state": "unavailable"}
 
 
+DIRECTION_SIGN = {"long_bias": 1, "short_bias": -1, "symmetric": 0}
+CYCLE_SERIES = (
+    "t",  # the cycle's time
+    "price",
+    "tier",  # effective tier (what the regime-aware grid traded on)
+    "direction",  # effective direction: +1 long_bias, -1 short_bias, 0 symmetric
+    "mechanical_tier",
+    "shallow",  # 1 when the primary model is trained and its training depth is "shallow"
+    "capacity_stop",  # 1 when the regime-aware grid's capacity band is "stop"
+    "symmetric_capacity_stop",  # the same for the symmetric grid
+    "regime_aware",  # equity of the regime-aware grid
+    "symmetric",  # equity of the symmetric grid
+)
+
+
 @dataclass
 class RunStats:
     """What happened during this process's run (the replay report reads it)."""
@@ -72,14 +87,37 @@ class RunStats:
     tier_seconds: dict[int, float] = field(default_factory=lambda: {0: 0.0, 1: 0.0, 2: 0.0})
     tier_changes: int = 0
     retrains: list[dict] = field(default_factory=list)
-    series: dict[str, list[float]] = field(default_factory=dict)  # replay: equity curves per cycle
+    series: dict[str, list[float]] = field(default_factory=dict)  # replay: one value per cycle, CYCLE_SERIES
 
-    def record_equity(
-        self, ts: float, price: float, tier: int, stop: bool, regime_aware: float, symmetric: float
+    def record_cycle(
+        self,
+        ts: float,
+        price: float,
+        *,
+        tier: int,
+        direction: str,
+        mechanical_tier: int,
+        shallow: bool,
+        capacity_stop: bool,
+        symmetric_capacity_stop: bool,
+        regime_aware: float,
+        symmetric: float,
     ) -> None:
-        for key, value in (("t", ts), ("price", price), ("tier", tier), ("capacity_stop", float(stop)),
-                           ("regime_aware", regime_aware), ("symmetric", symmetric)):  # fmt: skip
-            self.series.setdefault(key, []).append(value)
+        """One replay cycle's record: what the scorecard and the plot are computed from."""
+        s = self.series
+        if not s:
+            s.update((key, []) for key in CYCLE_SERIES)
+        # One append per series, spelled out: this runs every cycle of a replay.
+        s["t"].append(ts)
+        s["price"].append(price)
+        s["tier"].append(tier)
+        s["direction"].append(DIRECTION_SIGN[direction])
+        s["mechanical_tier"].append(mechanical_tier)
+        s["shallow"].append(int(shallow))
+        s["capacity_stop"].append(int(capacity_stop))
+        s["symmetric_capacity_stop"].append(int(symmetric_capacity_stop))
+        s["regime_aware"].append(regime_aware)
+        s["symmetric"].append(symmetric)
 
 
 class Bot:
@@ -335,8 +373,18 @@ class Bot:
             self.grid.changed, self._dirty = False, True
         if self.baseline is not None:
             self.baseline.step(now, candles, price, self.policy.regime, Posture(since=self.started_at))
-            stop = self.grid.capacity_band == "stop"
-            self.stats.record_equity(now, price, effective.tier, stop, self.grid.equity.last, self.baseline.equity.last)
+            self.stats.record_cycle(
+                now,
+                price,
+                tier=effective.tier,
+                direction=effective.direction,
+                mechanical_tier=self.mechanical_state().tier,
+                shallow=self.primary.trained and self.primary.quality_tier == "shallow",
+                capacity_stop=self.grid.capacity_band == "stop",
+                symmetric_capacity_stop=self.baseline.capacity_band == "stop",
+                regime_aware=self.grid.equity.last,
+                symmetric=self.baseline.equity.last,
+            )
 
     @property
     def capacity_band(self) -> str:

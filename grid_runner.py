@@ -85,7 +85,13 @@ class RunnerSettings:
 
 @dataclass
 class EquityTrack:
-    """Equity in the quote asset, marked at each step's price: start, peak and the deepest drawdown."""
+    """Equity in the quote asset, marked at each step's price: start, peak and the deepest drawdown.
+
+    Besides the drawdown of the whole equity it follows what the grid adds beyond
+    holding its starting inventory: ``equity - start_base * price`` (the starting base
+    valued at the current price), its peak and deepest fall in the quote currency, and
+    the largest position the grid itself took on, ``|base - start_base| * price``.
+    """
 
     start: float | None = None
     peak: float = 0.0
@@ -93,6 +99,9 @@ class EquityTrack:
     max_drawdown_pct: float = 0.0
     start_price: float | None = None
     start_base: float = 0.0
+    excess_peak: float | None = None  # peak of equity - start_base * price
+    grid_max_drawdown: float = 0.0  # deepest fall below that peak, in the quote currency
+    inventory_peak: float = 0.0  # largest |base - start_base| * price
 
     def mark(self, equity: float, price: float, base: float) -> None:
         if self.start is None:
@@ -102,6 +111,12 @@ class EquityTrack:
         self.peak = max(self.peak, equity)
         if self.peak > 0:
             self.max_drawdown_pct = max(self.max_drawdown_pct, (self.peak - equity) / self.peak * 100.0)
+        position = base - self.start_base
+        excess = equity - self.start_base * price
+        if self.excess_peak is None or excess > self.excess_peak:
+            self.excess_peak = excess
+        self.grid_max_drawdown = max(self.grid_max_drawdown, self.excess_peak - excess)
+        self.inventory_peak = max(self.inventory_peak, abs(position) * price)
 
 
 class GridRunner:
@@ -316,6 +331,8 @@ class GridRunner:
             "open_positions_mtm_usd": round(mark_to_market(st, price), 6),
             "open_entry_fees_usd": round(open_entry_fees, 6),
             "start_inventory_drift_usd": round(drift, 6),  # the starting base holding's change in value
+            "grid_max_drawdown_usd": round(eq.grid_max_drawdown, 6),
+            "inventory_peak_usd": round(eq.inventory_peak, 6),
             "start_equity_usd": round(start, 6),
             "end_equity_usd": round(end, 6),
             "end_inventory": {"quote": round(st.balances.quote, 6), "base": round(st.balances.base, 8)},
@@ -444,6 +461,9 @@ class GridRunner:
             max_drawdown_pct=float(eq.get("max_drawdown_pct", 0.0)),
             start_price=eq.get("start_price"),
             start_base=float(eq.get("start_base", 0.0)),
+            excess_peak=eq.get("excess_peak"),
+            grid_max_drawdown=float(eq.get("grid_max_drawdown", 0.0)),
+            inventory_peak=float(eq.get("inventory_peak", 0.0)),
         )
         last = data.get("last_candle_time")
         self.last_candle_time = int(last) if last is not None else None

@@ -8,7 +8,10 @@ Features per candle, in column order:
 3. volume ratio to its EMA(20).
 
 The first :data:`WARMUP_ROWS` rows of any sequence are NaN (indicators still
-settling) and, like any other row with a NaN, are dropped.
+settling) and, like any other row with a NaN, are dropped. So is the row of a
+minute without trades (volume 0): it says nothing about the regime, and a run of
+them (O=H=L=C at the last price) repeats one row that a state would collapse onto.
+The averages still take such a minute in.
 
 Fitting uses ``hmmlearn``; states are labelled BEARISH / RANGING / BULLISH by
 their mean EMA spread. Inference only needs the fitted parameters, so a model
@@ -80,7 +83,8 @@ def compute_features(candles: Sequence[Candle]) -> np.ndarray:
         # RSI = 100 * gain / (gain + loss); a flat market reads neutral (50).
         rsi = np.where(total > 0, 100.0 * avg_gain / np.where(total > 0, total, 1.0), 50.0)
         vol_ema = _ema(volume, 20)
-        vol_ratio = np.where(vol_ema > 0, volume / np.where(vol_ema > 0, vol_ema, 1.0), np.nan)
+        traded = (vol_ema > 0) & (volume > 0)
+        vol_ratio = np.where(traded, volume / np.where(traded, vol_ema, 1.0), np.nan)
 
     out[:, 0] = slope
     out[:, 1] = spread
@@ -180,7 +184,7 @@ class FeatureStream:
         total = self._gain + self._loss
         rsi = 100.0 * self._gain / total if total > 0 else 50.0
         self._vol = step(self.A20, v, self._vol)
-        ratio = v / self._vol if self._vol > 0 else math.nan
+        ratio = v / self._vol if self._vol > 0 and v > 0 else math.nan
         self.count += 1
         self.last_time = candle.time
         row = (slope, spread, (rsi - 50.0) / 50.0, ratio)

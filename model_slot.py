@@ -21,7 +21,7 @@ from config import Settings
 from errors import BadData
 from hmm_regime_detector import FeatureStream, RegimeDetector
 from regime_policy import NO_SIGNAL, RegimeSignal
-from training_depth import TrainingDepth, decay_copies, quality_tier, retrain_reason, training_depth
+from training_depth import QualityTier, TrainingDepth, decay_copies, quality_tier, retrain_reason, training_depth
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,8 @@ class ModelSlot:
         self.last_error: str | None = None
         self._last_failure_at: float | None = None
         self._packed: tuple[RegimeDetector, dict] | None = None
+        self._tier_of: RegimeDetector | None = None
+        self._tier: QualityTier | None = None
 
     @property
     def trained(self) -> bool:
@@ -79,8 +81,21 @@ class ModelSlot:
     @property
     def confidence_modifier(self) -> float:
         """The training-depth modifier of the live model (0 when untrained)."""
-        tier = quality_tier(self.trained_candles, self.spec.target, self.spec.min_samples)
+        tier = self._quality_tier()
         return tier.confidence_modifier if tier else 0.0
+
+    @property
+    def quality_tier(self) -> str | None:
+        """The training-depth quality tier of the live model (``None`` when untrained)."""
+        tier = self._quality_tier()
+        return tier.name if tier else None
+
+    def _quality_tier(self) -> QualityTier | None:
+        # Asked several times a cycle; a fitted detector never changes, so once per model is enough.
+        if self._tier_of is not self.detector:
+            self._tier = quality_tier(self.trained_candles, self.spec.target, self.spec.min_samples)
+            self._tier_of = self.detector
+        return self._tier
 
     @property
     def window_size(self) -> int:

@@ -267,6 +267,18 @@ class ResolvedPair(NamedTuple):
     source: str  # "--pair", "file name" or "price scale"
 
 
+def replay_table_pair(explicit_pair: str) -> KnownPair:
+    """The table's entry for a replay's ``--pair``; :class:`ConfigError` when the table does not have it."""
+    kp = lookup(explicit_pair)
+    if kp is None:
+        known = ", ".join(k.altname for k in KNOWN_PAIRS)
+        raise ConfigError(
+            f"--pair {explicit_pair} is not in the built-in table of Kraken pairs, and a replay cannot ask "
+            f"Kraken: use one of {known}, or leave --pair out to derive the rules from each file's prices"
+        )
+    return kp
+
+
 def replay_pair(
     path: str | Path, candles: Sequence[Candle], explicit_pair: str | None, settings: Settings
 ) -> ResolvedPair:
@@ -282,13 +294,7 @@ def replay_pair(
         raise BadData(f"{path}: no candles")
     highest = max(c.high for c in candles)
     if explicit_pair:
-        kp = lookup(explicit_pair)
-        if kp is None:
-            known = ", ".join(k.altname for k in KNOWN_PAIRS)
-            raise ConfigError(
-                f"--pair {explicit_pair} is not in the built-in table of Kraken pairs, and a replay cannot ask "
-                f"Kraken: use one of {known}, or leave --pair out to derive the rules from each file's prices"
-            )
+        kp = replay_table_pair(explicit_pair)
         resolved = ResolvedPair(kp.altname, kp.rules(), "--pair")
     elif (altname := pair_from_filename(path)) is not None:
         resolved = ResolvedPair(altname, _BY_NAME[altname].rules(), "file name")

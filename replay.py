@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from itertools import pairwise
 from typing import Any
 
+import numpy as np
+
 from candles import Candle, OhlcPage, aggregate
 from clock import Clock
 from errors import BadData
@@ -89,6 +91,11 @@ def buy_and_hold(series: dict[str, list[float]], *, start_equity: float, fee_pct
         "max_drawdown_pct": round(max_dd, 4),
         "cycles": 0,
         "fees_usd": round(start_equity * fee_pct / 100.0, 6),
+        "realized_pnl_usd": 0.0,
+        # It has no grid: no capacity band, and nothing beyond its holding to draw down.
+        "grid_max_drawdown_usd": None,
+        "capacity_stop_share": None,
+        "inventory_peak_usd": round(peak, 6),  # its whole holding is its position
         "start_equity_usd": round(start_equity, 6),
         "end_equity_usd": round(equity[-1], 6),
         "end_inventory": {"quote": 0.0, "base": round(units, 8)},
@@ -108,6 +115,77 @@ def tier_figures(tiers: Sequence[float], span_sec: float) -> dict[str, Any]:
     }
 
 
+def share(flags: Sequence[float]) -> float | None:
+    """Share of cycles at which a 0/1 flag was set; ``None`` without cycles."""
+    return round(sum(flags) / len(flags), 4) if flags else None
+
+
+def shallow_figures(shallow: Sequence[float], mechanical_tier: Sequence[float]) -> dict[str, Any]:
+    """Mechanical tier 2 while the primary model is trained but only ``shallow``.
+
+    A shallow model is the least trustworthy, so the training-depth modifier should
+    rarely let it reach tier 2; ``tier2_share_while_shallow`` is ``None`` when the run
+    had no shallow cycles.
+    """
+    cycles = sum(1 for f in shallow if f)
+    tier2 = sum(1 for f, t in zip(shallow, mechanical_tier, strict=True) if f and t == 2)
+    return {
+        "tier2_share_while_shallow": round(tier2 / cycles, 4) if cycles else None,
+        "shallow_cycles": cycles,
+        "tier2_cycles_while_shallow": tier2,
+    }
+
+
+HIT_HORIZON_SEC = 3600
+
+
+def direction_hit_rates(
+    t: Sequence[float],
+    price: Sequence[float],
+    tier: Sequence[float],
+    direction: Sequence[float],
+    *,
+    horizon_sec: float = HIT_HORIZON_SEC,
+) -> dict[str, dict[str, Any]]:
+    """How often each directional tier called the sign of the next ``horizon_sec`` return.
+
+    A cycle at effective tier 1 or 2 with a direction (+1 long, -1 short) is a hit when
+    the price ``horizon_sec`` later (the cycle at exactly that time) moved that way. A
+    cycle without a price that much later, or whose return is exactly zero, is not
+    scorable. Per tier ``"1"``, ``"2"`` and pooled ``"directional"``: ``hits``,
+    ``scored``, ``hit_rate`` (``None`` when nothing was scored), ``scorable`` (every
+    scorable cycle of the run, whatever its tier) and ``coverage`` = scored / scorable.
+
+    Parameters
+    ----------
+    t : (n,) cycle times, unix seconds, increasing
+    price, tier, direction : (n,) one value per cycle
+    """
+    times = np.asarray(t, dtype=np.float64)
+    prices = np.asarray(price, dtype=np.float64)
+    tiers = np.asarray(tier)
+    signs = np.asarray(direction)
+    target = times + horizon_sec
+    later = np.minimum(np.searchsorted(times, target), len(times) - 1)  # empty runs: nothing indexes
+    has_later = times[later] == target if len(times) else np.zeros(0, dtype=bool)
+    move = np.sign(prices[later] - prices) if len(times) else prices
+    scorable = has_later & (move != 0)
+    n_scorable = int(scorable.sum())
+    out = {}
+    for key, in_tier in (("1", tiers == 1), ("2", tiers == 2), ("directional", (tiers == 1) | (tiers == 2))):
+        called = scorable & in_tier & (signs != 0)
+        scored = int(called.sum())
+        hits = int((called & (move == signs)).sum())
+        out[key] = {
+            "hit_rate": round(hits / scored, 4) if scored else None,
+            "hits": hits,
+            "scored": scored,
+            "scorable": n_scorable,
+            "coverage": round(scored / n_scorable, 4) if n_scorable else None,
+        }
+    return out
+
+
 def strategies_report(
     series: dict[str, list[float]],
     *,
@@ -124,9 +202,13 @@ def strategies_report(
             **regime_aware,
             **tier_figures(series["tier"], span_sec),
             # Capacity "stop" blocks tier upgrades: how much of the run the grid's own book did that.
-            "capacity_stop_share": round(sum(series["capacity_stop"]) / len(series["capacity_stop"]), 4),
+            "capacity_stop_share": share(series["capacity_stop"]),
+            **shallow_figures(series["shallow"], series["mechanical_tier"]),
+            "direction_hit_rate": direction_hit_rates(
+                series["t"], series["price"], series["tier"], series["direction"]
+            ),
         },
-        "symmetric": symmetric,
+        "symmetric": {**symmetric, "capacity_stop_share": share(series["symmetric_capacity_stop"])},
         "buy_and_hold": hold,
     }
     plot = {

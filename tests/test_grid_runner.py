@@ -16,7 +16,7 @@ from candles import Candle
 from errors import RetryLater
 from exchange import BUY, OrderRequest, PairRules
 from grid_engine import EXIT, LONG_BIAS, SHORT_BIAS, GridConfig, Posture, to_dict
-from grid_runner import GridRunner, RunnerSettings
+from grid_runner import EquityTrack, GridRunner, RunnerSettings
 from paper_exchange import PaperExchange, paper_exchange_factory
 
 RULES = PairRules()
@@ -274,6 +274,28 @@ def test_summary_figures_agree_with_the_books():
     assert s["end_inventory"] == {"quote": round(bal.quote, 6), "base": round(bal.base, 8)}
     assert s["open_orders"] == len(runner.exchange.open_orders())
     assert s["max_drawdown_pct"] >= 0
+    assert s["grid_max_drawdown_usd"] == round(runner.equity.grid_max_drawdown, 6) > 0
+    assert s["inventory_peak_usd"] == round(runner.equity.inventory_peak, 6) > 0
+
+
+def test_equity_track_follows_what_the_grid_adds_beyond_its_starting_inventory():
+    """A hand-made run: 500 USD and 5000 DOGE at 0.10, then the grid sells, buys back, buys more."""
+    eq = EquityTrack()
+    marks = [  # (quote, base, price) -> equity, equity - 5000 x price, |base - 5000| x price
+        (500.0, 5000.0, 0.10),  # 1000, 500, 0
+        (610.0, 4000.0, 0.12),  # 1090, 490 (10 below the peak of 500), 120
+        (420.0, 6000.0, 0.09),  # 960, 510 (a new peak), 90
+        (420.0, 6000.0, 0.08),  # 900, 500, 80
+        (340.0, 7000.0, 0.05),  # 690, 440 (70 below 510: the deepest), 100
+        (340.0, 7000.0, 0.06),  # 760, 460, 120
+    ]
+    for quote, base, price in marks:
+        eq.mark(quote + base * price, price, base)
+    assert (eq.start, eq.start_base, eq.start_price) == (1000.0, 5000.0, 0.10)
+    assert eq.excess_peak == pytest.approx(510.0)
+    assert eq.grid_max_drawdown == pytest.approx(70.0)
+    assert eq.inventory_peak == pytest.approx(120.0)
+    assert eq.max_drawdown_pct == pytest.approx((1090.0 - 690.0) / 1090.0 * 100.0)
 
 
 # persistence --------------------------------------------------------------------------
@@ -292,6 +314,7 @@ def test_a_restored_runner_continues_exactly_like_an_uninterrupted_one():
     b = make_runner(record_fill=fills_b.append)
     b.restore(snapshot, candles[299].close)
     assert to_dict(b.state) == to_dict(a.state)
+    assert b.equity == a.equity  # the replay figures carry on too
     for i in range(300, 600):
         window = candles[i - 2 : i + 1]  # the newest candles, overlapping the last step's as a market feed's do
         a.step(candles[i].time + 60, window, candles[i].close, "RANGING", moods[i])

@@ -4,6 +4,7 @@ import json
 import numpy as np
 import pytest
 from hmmlearn.hmm import GaussianHMM
+from test_replay import with_gaps_and_zero_volume
 
 from candles import Candle
 from errors import BadData
@@ -51,6 +52,26 @@ def test_rows_with_nan_are_dropped_zero_volume_history():
     assert np.isnan(f).any(axis=1).all()  # volume ratio 0/0 everywhere: no usable row
     with pytest.raises(BadData):
         RegimeDetector().fit(candles)
+
+
+def test_minutes_without_trades_have_no_feature_row():
+    """A zero-volume minute says nothing about the regime; a flat run of them (O=H=L=C) would repeat
+    one row, and a state collapsing onto it has a singular covariance that breaks the fit."""
+    candles = with_gaps_and_zero_volume(generate(5000, seed=13)[0])
+    window = [c for c in candles if c.time + 60 <= 1_767_472_800][-4000:]  # a window that once failed
+    idle = np.array([c.volume == 0 for c in window])
+    assert idle.sum() > 300
+    f = compute_features(window)
+    usable = ~np.isnan(f).any(axis=1)
+    assert not usable[idle].any()
+    assert usable[WARMUP_ROWS:][~idle[WARMUP_ROWS:]].all()  # the averages carry on through them
+    stream = FeatureStream(maxlen=10_000)
+    stream.extend(window)
+    np.testing.assert_allclose(stream.matrix(), f[usable], rtol=1e-9, atol=1e-12)
+    detector = RegimeDetector().fit(window)
+    assert detector.n_samples_ == usable.sum()
+    for cov in detector.covars_:
+        assert np.linalg.eigvalsh(cov).min() > 0
 
 
 def test_feature_stream_equals_batch_features(sim_data):

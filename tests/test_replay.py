@@ -1,4 +1,5 @@
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -8,7 +9,7 @@ from candles import Candle, read_candles_csv
 from clock import SimClock
 from errors import BadData
 from market_sim import generate
-from replay import ReplayMarket
+from replay import ReplayMarket, buy_and_hold, direction_hit_rates, shallow_figures
 
 START = 1_767_225_600
 
@@ -80,6 +81,50 @@ def test_replay_market_rejects_candles_that_are_not_one_minute():
         ReplayMarket(SimClock(0), [Candle(60, 1, 1, 1, 1, 1), Candle(90, 1, 1, 1, 1, 1)])
 
 
+def test_replay_market_serves_a_gap_as_minutes_without_candles():
+    candles, _ = generate(300, seed=3)
+    kept = candles[:100] + candles[280:]  # three hours missing after candle 99
+    clock = SimClock(kept[0].time + 60)
+    market = ReplayMarket(clock, kept)
+    clock.advance(60 * 150)  # inside the gap
+    page = market.fetch_ohlc(1)
+    assert page.closed[-1] == candles[99] and page.forming is None and page.last == candles[99].time
+    assert market.fetch_ohlc(1, since=candles[99].time).closed == []
+    clock.advance(60 * 130)  # candle 280 has closed
+    assert market.fetch_ohlc(1, since=candles[99].time).closed == [candles[280]]
+    assert market.candle_count == len(kept) and not market.finished
+
+
+def test_direction_hit_rates_on_a_hand_made_series():
+    # Two minutes ahead here (the report uses 60); no cycle at t=240 (a gap).
+    t = [0, 60, 120, 180, 300, 360, 420, 480, 540]
+    price = [1.0, 1.1, 1.2, 1.2, 0.9, 1.0, 1.0, 1.0, 0.8]
+    tier = [1, 2, 1, 2, 2, 1, 0, 1, 1]
+    direction = [1, -1, -1, 1, 1, -1, 0, 1, 1]
+    # 0: up, long, hit | 1: up, short, miss | 2: nothing at 240 | 3: down, long, miss | 4: up, long, hit
+    # 5: zero return, unscored | 6: down but tier 0 | 7, 8: nothing two minutes later
+    rates = direction_hit_rates(t, price, tier, direction, horizon_sec=120)
+    assert rates["1"] == {"hit_rate": 1.0, "hits": 1, "scored": 1, "scorable": 5, "coverage": 0.2}
+    assert rates["2"] == {"hit_rate": 0.3333, "hits": 1, "scored": 3, "scorable": 5, "coverage": 0.6}
+    assert rates["directional"] == {"hit_rate": 0.5, "hits": 2, "scored": 4, "scorable": 5, "coverage": 0.8}
+    quiet = direction_hit_rates(t, price, [0] * 9, [0] * 9, horizon_sec=120)
+    assert quiet["directional"] == {"hit_rate": None, "hits": 0, "scored": 0, "scorable": 5, "coverage": 0.0}
+    assert direction_hit_rates([], [], [], [])["1"]["coverage"] is None
+
+
+def test_tier2_share_while_the_primary_is_shallow():
+    figures = shallow_figures([0, 1, 1, 1, 1, 0], [2, 2, 0, 2, 1, 2])
+    assert figures == {"tier2_share_while_shallow": 0.5, "shallow_cycles": 4, "tier2_cycles_while_shallow": 2}
+    assert shallow_figures([0, 0], [2, 2])["tier2_share_while_shallow"] is None
+
+
+def test_buy_and_hold_has_the_grid_figures_where_they_mean_something():
+    hold = buy_and_hold({"price": [1.0, 2.0, 0.5]}, start_equity=100.0, fee_pct=0.0)
+    assert hold["inventory_peak_usd"] == 200.0  # its holding at its most valuable
+    assert (hold["realized_pnl_usd"], hold["cycles"]) == (0.0, 0)
+    assert hold["grid_max_drawdown_usd"] is None and hold["capacity_stop_share"] is None
+
+
 def test_replay_subprocess_writes_the_report(tmp_path, bot_process):
     candles, _ = generate(3 * 1440, seed=11)
     csv = tmp_path / "sim.csv"
@@ -102,6 +147,78 @@ def test_replay_subprocess_writes_the_report(tmp_path, bot_process):
     assert all({"time", "model", "candles", "quality_tier"} <= set(r) for r in retrains)
     assert "replay of 4320 candles done" in p.output
     assert_scorecard_consistent(report)
+    # Progress every 10 % of the span, the result line, and a one-row summary beside the report.
+    assert [int(pct) for pct in re.findall(r"^sim\.csv: 2026-0\d-\d\d \d\d:\d\d \((\d+)%\)$", p.output, re.M)] == [
+        10, 20, 30, 40, 50, 60, 70, 80, 90
+    ]  # fmt: skip
+    assert re.search(r"^sim\.csv: done: 4,320 candles in [\d.]+ s; net P&L regime_aware [+-]", p.output, re.M)
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    [row] = summary["files"]
+    assert (row["file"], row["error"], row["candles"]) == (str(csv), None, 4320)
+    for name in ("regime_aware", "symmetric", "buy_and_hold"):
+        assert row["strategies"][name]["net_pnl_usd"] == report["strategies"][name]["net_pnl_usd"]
+    assert summary["totals"]["files"] == 1 and summary["totals"]["failed_files"] == 0
+    assert (tmp_path / "out" / "summary.md").read_text() in p.output  # printed as well
+
+
+def test_a_single_file_that_cannot_be_read_is_its_summary_row(tmp_path, bot_process):
+    csv = tmp_path / "bad_1m.csv"
+    csv.write_text("time,open,high,low,close,volume\n60,1,1,1,1,1\n120,1,1,1,oops,1\n")
+    p = bot_process(["--replay", str(csv)])
+    assert p.proc.wait(60) == 1, p.output  # 2 is for a bad command line or settings
+    error = f"{csv}:3: not a candle row: ['120', '1', '1', '1', 'oops', '1']"
+    assert f"bad_1m.csv: FAILED: {error}" in p.lines
+    [row] = json.loads((tmp_path / "summary.json").read_text())["files"]
+    assert (row["file"], row["error"], row["candles"], row["strategies"]) == (str(csv), error, None, None)
+    assert "## Failed files" in (tmp_path / "summary.md").read_text()
+
+
+def test_a_replay_stopped_midway_writes_its_partial_report_and_exits_non_zero(tmp_path, bot_process):
+    candles, _ = generate(6000, seed=14)
+    csv = tmp_path / "long_1m.csv"
+    write_csv(csv, candles)
+    p = bot_process(["--replay", str(csv), "--report-dir", str(tmp_path / "out")])
+    p.wait_for_log(r"^long_1m\.csv: .* \(10%\)$", timeout=90)
+    assert p.terminate(60) == 128 + 15, p.output
+    report = json.loads((tmp_path / "out" / "long_1m.csv.report.json").read_text())
+    assert 600 <= report["candles"] < 6000  # how far it got
+    [row] = json.loads((tmp_path / "out" / "summary.json").read_text())["files"]
+    assert re.fullmatch(r"interrupted by SIGTERM at 2026-01-0\d \d\d:\d\d \(\d+%\)", row["error"])
+    assert row["strategies"] is None and row["report"] == str(tmp_path / "out" / "long_1m.csv.report.json")
+
+
+def with_gaps_and_zero_volume(candles: list[Candle]) -> list[Candle]:
+    """Real data's habits: minutes without trades (volume 0, O=H=L=C at the last price), including the
+    very first, a flat 5-hour run of them, and gaps of 3 and 26 hours."""
+    out: list[Candle] = []
+    for i, c in enumerate(candles):
+        if 2200 <= i < 2380 or 3000 <= i < 4560:
+            continue
+        if i < 40 or 1500 <= i < 1800 or i % 53 == 0:
+            last = out[-1].close if out else c.open
+            c = Candle(c.time, last, last, last, last, 0.0)
+        out.append(c)
+    return out
+
+
+def test_replay_of_a_file_with_gaps_and_zero_volume_minutes(tmp_path, bot_process):
+    candles = with_gaps_and_zero_volume(generate(5000, seed=13)[0])
+    csv = tmp_path / "gappy_1m.csv"
+    write_csv(csv, candles)
+    p = bot_process(["--replay", str(csv), "--report-dir", str(tmp_path / "out"), "--log-level", "INFO"])
+    assert p.proc.wait(120) == 0, p.output
+    report = json.loads((tmp_path / "out" / "gappy_1m.csv.report.json").read_text())
+    assert report["candles"] == len(candles) == 5000 - 180 - 1560
+    assert report["simulated_span_sec"] == candles[-1].time - candles[0].time
+    primary = [r for r in report["retrains"] if r["model"] == "primary"]
+    assert primary and all(r["ok"] for r in primary)
+    # Minutes without trades have no feature row (nor have the first 40, whose volume average is 0).
+    assert primary[0]["raw_samples"] == sum(1 for c in candles[40:500] if c.volume > 0)
+    assert "cycle failed" not in p.output and "Traceback" not in p.output
+    assert_scorecard_consistent(report)
+    assert report["strategies"]["symmetric"]["cycles"] > 0
+    [row] = json.loads((tmp_path / "out" / "summary.json").read_text())["files"]
+    assert row["error"] is None and row["candles"] == len(candles)
 
 
 def assert_scorecard_consistent(report: dict) -> None:
@@ -130,6 +247,28 @@ def assert_scorecard_consistent(report: dict) -> None:
     assert sum(aware["tier_share"].values()) == pytest.approx(1.0, abs=1e-3)
     assert 0 <= aware["capacity_stop_share"] <= 1
     assert aware["tier_changes"] >= 0 and aware["tier_changes_per_day"] is not None
+    # SPEC section 15's figures
+    for name in ("regime_aware", "symmetric"):
+        s = strategies[name]
+        assert 0 <= s["capacity_stop_share"] <= 1
+        assert 0 <= s["grid_max_drawdown_usd"] < s["start_equity_usd"]
+        assert 0 <= s["inventory_peak_usd"] < 2 * s["start_equity_usd"]
+    assert hold["inventory_peak_usd"] >= max(hold["start_equity_usd"] - hold["fees_usd"], hold["end_equity_usd"])
+    assert hold["grid_max_drawdown_usd"] is None and hold["capacity_stop_share"] is None
+    assert aware["shallow_cycles"] >= aware["tier2_cycles_while_shallow"] >= 0
+    if aware["shallow_cycles"]:
+        assert aware["tier2_share_while_shallow"] == round(
+            aware["tier2_cycles_while_shallow"] / aware["shallow_cycles"], 4
+        )
+    rates = aware["direction_hit_rate"]
+    assert rates["directional"]["scored"] == rates["1"]["scored"] + rates["2"]["scored"]
+    assert rates["directional"]["hits"] == rates["1"]["hits"] + rates["2"]["hits"]
+    scorable = rates["directional"]["scorable"]
+    assert 0 < scorable <= report["simulated_span_sec"] // 60 + 1  # at most one per cycle (a minute)
+    for key in ("1", "2", "directional"):
+        r = rates[key]
+        assert r["coverage"] == round(r["scored"] / scorable, 4)
+        assert r["hit_rate"] == (round(r["hits"] / r["scored"], 4) if r["scored"] else None)
     plot = Path(report["plot"])
     assert plot.exists() and "<svg" in plot.read_text()
 
@@ -213,7 +352,8 @@ def test_an_explicit_pair_applies_to_the_file_whatever_its_name(tmp_path, bot_pr
     candles, _ = generate(2000, seed=12)
     csv = write_scaled_csv(tmp_path / "BTCUSDT_1m.csv", candles, 1.0)  # named BTC, priced like DOGE
     code, _, log = run_replay(bot_process, csv)
-    assert code == 2 and f"{csv}: XBTUSD (file name) cannot trade this file" in log and "tick 0.1" in log
+    # A file its rules cannot trade is that file's error (exit 1), not a usage error.
+    assert code == 1 and f"{csv}: XBTUSD (file name) cannot trade this file" in log and "tick 0.1" in log
     code, report, log = run_replay(bot_process, csv, "--pair", "dogeusdt")
     assert code == 0, log
     assert report["pair"] == "XDGUSD" and "as XDGUSD, rules from the --pair" in log
@@ -221,19 +361,19 @@ def test_an_explicit_pair_applies_to_the_file_whatever_its_name(tmp_path, bot_pr
 
 
 @pytest.mark.parametrize(
-    ("args", "env", "fragments"),
+    ("args", "env", "exit_code", "fragments"),
     [
-        (["--pair", "NOPEUSD"], {}, ["--pair NOPEUSD is not in the built-in table", "XBTUSD, ETHUSD"]),
-        ([], {"GRID_ORDER_USD": "2"}, ["XDGUSD (file name) cannot trade this file", "GRID_ORDER_USD=2"]),
+        (["--pair", "NOPEUSD"], {}, 2, ["--pair NOPEUSD is not in the built-in table", "XBTUSD, ETHUSD"]),
+        ([], {"GRID_ORDER_USD": "2"}, 1, ["XDGUSD (file name) cannot trade this file", "GRID_ORDER_USD=2"]),
     ],
 )
-def test_a_replay_whose_rules_cannot_trade_stops_with_a_message(tmp_path, bot_process, args, env, fragments):
+def test_a_replay_whose_rules_cannot_trade_stops_with_a_message(tmp_path, bot_process, args, env, exit_code, fragments):
     candles, _ = generate(200, seed=13)
     csv = write_scaled_csv(tmp_path / "DOGEUSDT_1m.csv", candles, 1.0)
     code, _, log = run_replay(bot_process, csv, *args, env=env)
-    assert code == 2
+    assert code == exit_code
     for fragment in fragments:
         assert fragment in log
     if env:
-        assert f"bot.py: {csv}: " in log  # the message names the file
+        assert f"FAILED: {csv}: " in log  # the message names the file
     assert "Traceback" not in log and not csv.with_suffix(".report.json").exists()
