@@ -25,6 +25,11 @@ from candle_pipeline import CandlePipeline, FeedSpec
 from candles import MarketData
 from clock import Clock, iso_utc
 from config import Settings
+from direction_skill import DirectionSkill, SkillSettings, earned
+from direction_skill import from_dict as skill_from_dict
+from direction_skill import observe as observe_call
+from direction_skill import status as skill_status
+from direction_skill import to_dict as skill_to_dict
 from errors import ConfigError, RetryLater
 from exchange import PairRules
 from grid_engine import Posture
@@ -163,6 +168,12 @@ class Bot:
         now = clock.now()
         self.started_at = now
         self.tier_state = TierState(0, SYMMETRIC, now)  # computed every cycle ("would be" in shadow mode)
+        self.skill_settings = SkillSettings(
+            horizon_sec=s.REGIME_SKILL_HORIZON_SEC,
+            halflife_calls=s.REGIME_SKILL_HALFLIFE_CALLS,
+            tier2_hit_rate=s.REGIME_TIER2_MIN_HIT_RATE,
+        )
+        self.skill = DirectionSkill()  # how well the signal's direction calls have done
         self.pinned_since = now
         self.tier_decision: TierDecision | None = None
         self.policy = self._policy()
@@ -293,6 +304,10 @@ class Bot:
             return min(self.primary.confidence_modifier, self.secondary.confidence_modifier)
         return self.primary.confidence_modifier
 
+    def direction_skill(self) -> float:
+        """How far directional postures may act (1 when the skill gate is off)."""
+        return earned(self.skill, self.skill_settings) if self.settings.REGIME_SKILL_GATE else 1.0
+
     def _update_tier(self, now: float) -> None:
         modifier = self.confidence_modifier()
         effective = self.policy.confidence * modifier
@@ -304,8 +319,13 @@ class Bot:
             capacity_band=self.capacity_band,
             settings=self.tier_settings,
             now=now,
+            skill=self.direction_skill(),
         )
         self.tier_decision = decision
+        # The signal's own call, acted on or not, is what the skill is measured on.
+        self.skill = observe_call(
+            self.skill, now, self.pipeline.price(), DIRECTION_SIGN[decision.wanted_direction], self.skill_settings
+        )
         if not decision.changed:
             return
         old, new = self.tier_state, decision.state
@@ -364,7 +384,7 @@ class Bot:
             return
         candles = self.pipeline.state[1].recent  # the runners take only what is new to them
         effective, source = self.advisor.effective(self.mechanical_state())
-        strength = abs(self.policy.bias_signal)
+        strength = abs(self.policy.bias_signal) * self.direction_skill()
         if effective.tier >= 1:  # an override may disagree with a weak bias; skew at least as for tier 1
             strength = max(strength, self.settings.REGIME_TIER1_BIAS_FLOOR)
         posture = Posture(effective.tier, effective.direction, min(1.0, strength), effective.since, source)
@@ -452,6 +472,7 @@ class Bot:
                 "since": self.tier_state.since,
             },
             "pinned_since": self.pinned_since,
+            "direction_skill": skill_to_dict(self.skill),
             "models": {slot.spec.name: slot.snapshot() for slot in self.slots()},
             "regime_history": self.history.to_list(),
             "advisor": self.advisor.snapshot(),
@@ -506,6 +527,11 @@ class Bot:
                 self.history.append(float(entry["ts"]), str(entry["regime"]), float(entry["conf"]))
         except (KeyError, TypeError, ValueError) as exc:
             log.warning("snapshot tier state unusable (%s); starting at tier 0", exc)
+        if snap.get("direction_skill") is not None:
+            try:
+                self.skill = skill_from_dict(snap["direction_skill"], self.clock.now())
+            except (KeyError, TypeError, ValueError) as exc:
+                log.warning("snapshot direction skill unusable (%s); the direction calls start a new record", exc)
         self.advisor.restore(snap.get("advisor"), self.clock.now())
         models = snap.get("models") or {}
         for slot in self.slots():
@@ -569,6 +595,7 @@ class Bot:
                 decision=self.tier_decision,
                 capacity_band=self.capacity_band,
                 transitions=self.transitions,
+                skill={**skill_status(self.skill, self.skill_settings), "gate": s.REGIME_SKILL_GATE},
             ),
             "regime_history_30m": self.history.to_list(),
             "price_history": list(self.price_history),

@@ -110,6 +110,18 @@ class Settings:
     REGIME_TIER2_BIAS_FLOOR: float = _setting(0.25, "Smallest |bias| for tier 2", lo=0, hi=1)
     REGIME_HYSTERESIS: float = _setting(0.05, "Downgrade only this far below a tier's threshold", lo=0, hi=0.5)
     REGIME_MIN_DWELL_SEC: float = _setting(300.0, "No tier change sooner than this after the last", lo=0, hi=86400)
+    REGIME_SKILL_GATE: bool = _setting(
+        True, "Directional tiers act only as far as the signal's direction calls have earned (false: confidence alone)"
+    )
+    REGIME_SKILL_HORIZON_SEC: float = _setting(
+        3600.0, "A direction call is scored against the price this much later", lo=60, hi=7 * 86400
+    )
+    REGIME_SKILL_HALFLIFE_CALLS: float = _setting(
+        168.0, "Half-life of the direction record, in scored calls (one per horizon at most)", lo=1, hi=100_000
+    )
+    REGIME_TIER2_MIN_HIT_RATE: float = _setting(
+        0.7, "Hit rate (lower bound) at which direction calls earn tier 2; tier 1 skews in between", lo=0.51, hi=1
+    )
     # --- AI regime advisor ----------------------------------------------------
     AI_REGIME_ADVISOR_ENABLED: bool = _setting(False, "Ask an LLM panel for a second opinion on the regime tier")
     AI_REGIME_INTERVAL_SEC: float = _setting(300.0, "Ask the advisor this often", lo=30, hi=86400)

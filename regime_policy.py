@@ -130,6 +130,7 @@ def next_tier(
     capacity_band: str,
     settings: TierSettings,
     now: float,
+    skill: float = 1.0,
 ) -> TierDecision:
     """One step of mechanical tier gating.
 
@@ -139,6 +140,11 @@ def next_tier(
     or the bias pointing the other way) or the bias floor downgrades without
     margin. No change happens within ``min_dwell_sec`` of the last one, and a
     ``stop`` capacity band blocks every upgrade.
+
+    ``skill`` is how far the signal's direction calls have earned directional
+    postures (:func:`direction_skill.earned`, 0..1): tier 1 needs some, tier 2
+    all of it; losing it downgrades without margin. The decision's wanted tier
+    is still what the signal alone asks for.
     """
     s = settings
     eff, bias = effective_confidence, bias_signal
@@ -149,14 +155,17 @@ def next_tier(
         return directional and eff >= s.confidence_for(tier) and abs(bias) >= s.bias_floor_for(tier)
 
     wanted = 2 if qualifies(2) else 1 if qualifies(1) else 0
+    earned = 2 if skill >= 1.0 else 1 if skill > 0.0 else 0
     held_by_hysteresis = (
-        state.tier > wanted
+        earned >= state.tier > wanted
         and directional
         and side == state.direction
         and abs(bias) >= s.bias_floor_for(state.tier)
         and eff >= s.confidence_for(state.tier) - s.hysteresis
     )
     target = state.tier if held_by_hysteresis else wanted
+    unearned = target > earned
+    target = min(target, earned)
     target_dir = direction_for(target, bias)
     wanted_dir = direction_for(wanted, bias)
 
@@ -164,6 +173,8 @@ def next_tier(
         return TierDecision(state, False, reason, wanted, wanted_dir)
 
     if (target, target_dir) == (state.tier, state.direction):
+        if unearned:
+            return hold(f"direction calls have not earned tier {wanted}")
         return hold("hysteresis" if held_by_hysteresis else "")
     if target > state.tier and capacity_band == "stop":
         if state.tier >= 1 and target_dir != state.direction:
@@ -176,14 +187,16 @@ def next_tier(
         return hold(f"dwell: {remaining:.0f}s before the next change")
 
     new = TierState(target, direction_for(target, bias), now)
-    reason = _change_reason(state, new, eff=eff, bias=bias, regime=regime, settings=s)
+    reason = _change_reason(state, new, eff=eff, bias=bias, regime=regime, settings=s, unearned=unearned)
     return TierDecision(new, True, reason, wanted, wanted_dir)
 
 
 def _change_reason(
-    old: TierState, new: TierState, *, eff: float, bias: float, regime: str, settings: TierSettings
+    old: TierState, new: TierState, *, eff: float, bias: float, regime: str, settings: TierSettings, unearned: bool
 ) -> str:
     s = settings
+    if new.tier < old.tier and unearned:
+        return f"downgrade to tier {new.tier}: the direction calls have not earned tier {old.tier}"
     if new.tier > old.tier:
         return (
             f"upgrade to tier {new.tier} {new.direction}: effective confidence {eff:.3f} >= "

@@ -98,6 +98,7 @@ def regime_tier_block(
     decision: TierDecision | None,
     capacity_band: str,
     transitions: Iterable[Mapping[str, Any]],
+    skill: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     shadow = not directional_enabled
     mech = (
@@ -118,6 +119,7 @@ def regime_tier_block(
         },
         **effective_tier_block(TierState(mech["tier"], mech["direction"], mech["since"]), "mechanical"),
         "capacity_band": capacity_band,
+        "direction_skill": dict(skill) if skill is not None else None,
         "recent_transitions": list(transitions),
     }
 

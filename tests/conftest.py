@@ -29,8 +29,13 @@ SIM_START = 1_767_225_600
 
 
 def make_settings(**overrides: Any) -> Settings:
-    """Settings from defaults plus ``overrides`` only (no environment, no .env)."""
-    return load_settings(overrides, environ={}, env_file=None)
+    """Settings from defaults plus ``overrides`` only (no environment, no .env).
+
+    The direction skill gate is off unless a test turns it on: a fresh bot has no record of
+    direction calls, so with the gate every directional tier would wait for hours of calls, and
+    most tests here are about what confidence, consensus, dwell, capacity and overrides do.
+    """
+    return load_settings({"REGIME_SKILL_GATE": False, **overrides}, environ={}, env_file=None)
 
 
 def make_sim_bot(

@@ -5,6 +5,7 @@ import json
 import pytest
 from conftest import make_sim_bot, run_ticks
 
+from direction_skill import DirectionSkill
 from errors import BadData, RetryLater
 from regime_policy import BULLISH, RANGING, RegimeSignal
 
@@ -319,3 +320,35 @@ def test_store_faults_are_reported_and_the_loop_goes_on(tmp_path):
     assert "store: writing candles failed" in st["hmm_data_pipeline"]["1m"]["last_error"]
     assert st["hmm"]["primary"]["trained"]  # the model in memory carries on
     bot.store.close()
+
+
+def test_directional_tiers_wait_for_the_direction_calls_to_earn_them(tmp_path):
+    bot = make_sim_bot(
+        tmp_path / "skill.sqlite3", HMM_SECONDARY_ENABLED=False, REGIME_MIN_DWELL_SEC=0, REGIME_SKILL_GATE=True
+    )
+    bot.tick()
+    fixed_signal(bot, RegimeSignal(BULLISH, 0.95, 0.9, (0.0, 0.05, 0.95)))
+    run_ticks(bot, 4 * 65, 15)  # a little over an hour: the first call is scored
+    st = bot.status()["regime_tier"]
+    assert st["mechanical"]["tier"] == 0 and st["mechanical"]["wanted_tier"] == 2
+    assert st["mechanical"]["held_because"] == "direction calls have not earned tier 2"
+    skill = st["direction_skill"]
+    assert skill["gate"] is True and skill["scored"] == 1 and skill["earned"] == 0.0
+    assert skill["pending_since"] is not None  # the next call, an hour after the first
+
+    # A record of calls that were right 90 times in 100 earns tier 2; the grid skews with it.
+    bot.skill = DirectionSkill(hits=90.0, misses=10.0, scored=100, last_call_at=bot.clock.now())
+    run_ticks(bot, 4, 15)
+    st = bot.status()
+    assert st["regime_tier"]["mechanical"]["tier"] == 2
+    assert st["regime_tier"]["direction_skill"]["earned"] == 1.0
+    assert st["grid"]["posture"]["strength"] == pytest.approx(0.9)
+
+    # The record survives a restart with the snapshot.
+    bot.save_snapshot(bot.clock.now())
+    again = make_sim_bot(
+        tmp_path / "skill.sqlite3", start=int(bot.clock.now()), HMM_SECONDARY_ENABLED=False, REGIME_SKILL_GATE=True
+    )
+    assert again.skill.hits == pytest.approx(bot.skill.hits) and again.skill.scored == bot.skill.scored
+    bot.store.close()
+    again.store.close()

@@ -204,3 +204,32 @@ def test_history_population_and_30_minute_trim():
     assert len(entries) == 31
     h.trim(T0 + 3600 + 1800 + 1)
     assert len(h) == 0
+
+
+def test_directional_tiers_act_only_as_far_as_the_direction_skill_earns():
+    strong = dict(eff=0.9, bias=0.9, regime=BULLISH)
+    none = step_skill(START, T0, skill=0.0, **strong)
+    assert none.state.tier == 0 and not none.changed and none.wanted_tier == 2
+    assert none.reason == "direction calls have not earned tier 2"
+    some = step_skill(START, T0, skill=0.4, **strong)
+    assert (some.state.tier, some.state.direction, some.wanted_tier) == (1, LONG_BIAS, 2)
+    held = step_skill(some.state, T0 + 600, skill=0.4, **strong)
+    assert not held.changed and held.reason == "direction calls have not earned tier 2"
+    full = step_skill(some.state, T0 + 600, skill=1.0, **strong)
+    assert full.state.tier == 2
+
+
+def test_losing_the_direction_skill_downgrades_without_margin():
+    tier2 = TierState(2, LONG_BIAS, T0 - 10_000)
+    d = step_skill(tier2, T0, skill=0.5, eff=0.9, bias=0.9, regime=BULLISH)
+    assert d.changed and d.state.tier == 1
+    assert d.reason == "downgrade to tier 1: the direction calls have not earned tier 2"
+    d = step_skill(d.state, T0 + 600, skill=0.0, eff=0.9, bias=0.9, regime=BULLISH)
+    assert d.state == TierState(0, SYMMETRIC, T0 + 600)
+
+
+def step_skill(state, now, *, skill, eff, bias, regime):
+    return next_tier(
+        state, effective_confidence=eff, bias_signal=bias, regime=regime, capacity_band="normal",
+        settings=SETTINGS, now=now, skill=skill,
+    )  # fmt: skip
