@@ -6,6 +6,7 @@ import pytest
 from conftest import make_sim_bot, run_ticks
 
 from errors import BadData, RetryLater
+from hmm_regime_detector import RegimeDetector
 from regime_policy import BULLISH, RANGING, RegimeSignal
 
 
@@ -46,11 +47,13 @@ def fixed_signal(bot, signal):
     bot.primary.detector.infer_rows = lambda rows: signal
 
 
-def test_modifier_changes_the_tier_while_raw_confidence_is_reported_unchanged(tmp_path):
+def test_modifier_changes_the_tier_while_raw_confidence_is_reported_unchanged(tmp_path, monkeypatch):
     bot = make_sim_bot(tmp_path / "m.sqlite3", HMM_SECONDARY_ENABLED=False, REGIME_MIN_DWELL_SEC=0)
+    # The fixed signal from the first evaluation on, so the model's own first signal moves no tier.
+    signal = RegimeSignal(BULLISH, 0.55, 0.6, (0.05, 0.35, 0.60))
+    monkeypatch.setattr(RegimeDetector, "infer_rows", lambda self, rows: signal)
     bot.tick()
     assert bot.primary.confidence_modifier == 0.70  # shallow
-    fixed_signal(bot, RegimeSignal(BULLISH, 0.55, 0.6, (0.05, 0.35, 0.60)))
     run_ticks(bot, 8, 15)
     st = bot.status()
     assert st["hmm"]["primary"]["confidence"] == 0.55  # raw, unchanged

@@ -91,18 +91,29 @@ def test_transition_matrix_getter(fitted):
     assert fitted.transition_matrix()[0][0] != 99.0
 
 
-def test_posterior_matches_hmmlearn_forward_pass(sim_data, fitted):
+PLAIN = {
+    "emission_temperature": 1.0,
+    "predictive": False,
+    "transition_pseudocount": 0.0,
+    "evidence_cap": False,
+    "calibrate": False,
+}
+"""A plain HMM: no tempering, no predictive, no pseudo-transitions, no calibration."""
+
+
+def test_posterior_matches_hmmlearn_forward_pass(sim_data):
     candles, _ = sim_data
+    plain = RegimeDetector(**PLAIN).fit(candles[:4000])
     f = compute_features(candles[4000:4300])
-    x = fitted.standardise(f[~np.isnan(f).any(axis=1)][-100:])
+    x = plain.standardise(f[~np.isnan(f).any(axis=1)][-100:])
     reference = GaussianHMM(3, covariance_type="full")
     reference.n_features = 4
-    reference.startprob_ = stationary_distribution(fitted.transmat_)
-    reference.transmat_ = fitted.transmat_
-    reference.means_ = fitted.means_
-    reference.covars_ = fitted.covars_
+    reference.startprob_ = stationary_distribution(plain.transmat_)
+    reference.transmat_ = plain.transmat_
+    reference.means_ = plain.means_
+    reference.covars_ = plain.covars_
     expected = reference.predict_proba(x)[-1]
-    np.testing.assert_allclose(fitted.state_posterior(x), expected, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(plain.state_posterior(x), expected, rtol=1e-6, atol=1e-9)
 
 
 def test_signal_rules(fitted):
