@@ -98,6 +98,10 @@ class Settings:
     HMM_COVARIANCE_TYPE: str = _setting("full", "Gaussian covariance form", choices=("full", "diag"))
     HMM_DEEP_DECAY_ENABLED: bool = _setting(False, "Resample training rows so recent ones weigh more")
     HMM_DEEP_DECAY_HALFLIFE: int = _setting(1440, "Half-life of deep decay, in candles", lo=10, hi=1_000_000)
+    CONSENSUS_RULE: str = _setting(
+        "primary", "How the 1m and 15m models make the tier signal (table = 15m direction, 1m timing)",
+        choices=("primary", "table"),
+    )  # fmt: skip
     CONSENSUS_1M_WEIGHT: float = _setting(0.3, "Weight of the 1m bias in full agreement", lo=0, hi=1)
     CONSENSUS_15M_WEIGHT: float = _setting(0.7, "Weight of the 15m bias in full agreement", lo=0, hi=1)
     # --- regime tiers -------------------------------------------------------

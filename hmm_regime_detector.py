@@ -504,7 +504,7 @@ class RegimeDetector:
 
         # Everything is built on a fresh detector and swapped in at the end, so a
         # failure anywhere (calibration included) leaves this one as it was.
-        fitted = RegimeDetector(**self.get_params())
+        fitted = type(self)(**self.get_params())
         # Smoothed (forward-backward) state posteriors of the true training sequence, tempered as
         # fitted: which state explains each candle. Each state's weight over the autocorrelation time
         # is the number of independent rows its parameters rest on.
@@ -537,11 +537,14 @@ class RegimeDetector:
             "effective_counts": counts,
             "prior_covariance": np.cov(x.T) if self.predictive else None,
         }
-        fitted._set_params(**params, posterior_temperature=1.0)
-        if self.calibrate:
-            cols = as_arrays(candles)
-            temperature = fitted.fit_posterior_temperature(cols["close"], cols["volume"], keep, explained)
-            fitted._set_params(**params, posterior_temperature=temperature)
+        try:
+            fitted._set_params(**params, posterior_temperature=1.0)
+            if self.calibrate:
+                cols = as_arrays(candles)
+                temperature = fitted.fit_posterior_temperature(cols["close"], cols["volume"], keep, explained)
+                fitted._set_params(**params, posterior_temperature=temperature)
+        except np.linalg.LinAlgError as exc:
+            raise BadData(f"the fitted covariances are degenerate: {exc}") from None
         fitted.n_train_candles_ = len(candles)
         fitted.n_samples_ = n_rows
         fitted.n_effective_samples_ = len(rows)

@@ -69,11 +69,23 @@ def test_modifier_changes_the_tier_while_raw_confidence_is_reported_unchanged(tm
 
 
 def test_consensus_modifier_is_the_smaller_of_the_two(tmp_path):
-    bot = make_sim_bot(tmp_path / "c.sqlite3")
+    bot = make_sim_bot(tmp_path / "c.sqlite3", CONSENSUS_RULE="table")
     bot.tick()
     st = bot.status()
     assert st["hmm"]["policy"]["source"] == "consensus"
+    assert st["hmm"]["consensus"]["rule"] == st["hmm"]["policy"]["rule"] == "table"
     assert st["hmm"]["policy"]["confidence_modifier"] == min(0.70, 0.85)
+    bot.store.close()
+
+
+def test_default_rule_gates_on_the_primary_alone_and_says_so(tmp_path):
+    bot = make_sim_bot(tmp_path / "p.sqlite3")
+    bot.tick()
+    st = bot.status()
+    assert st["hmm"]["secondary"]["trained"]  # trained and shown, but not gating
+    assert st["hmm"]["consensus"]["rule"] == "primary" and not st["hmm"]["consensus"]["active"]
+    assert st["hmm"]["policy"]["source"] == "primary"
+    assert st["hmm"]["policy"]["confidence_modifier"] == bot.primary.confidence_modifier
     bot.store.close()
 
 
