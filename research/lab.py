@@ -392,18 +392,18 @@ def _directional(source: str, agreement, conf: float, bias: float, tier1: float)
 
 
 def rule_table(s1, s15):
-    return policy_signal(s1, s15, weight_1m=0.3, weight_15m=0.7, tier1_confidence=0.20)
+    return policy_signal(s1, s15, weight_1m=0.3, weight_15m=0.7, tier1_confidence=0.20, rule="table")
 
 
 def rule_primary(s1, s15):
-    return policy_signal(s1, None, weight_1m=0.3, weight_15m=0.7, tier1_confidence=0.20)
+    return policy_signal(s1, s15, weight_1m=0.3, weight_15m=0.7, tier1_confidence=0.20, rule="primary")
 
 
 def rule_swapped(s1, s15):
     """The table with the roles swapped: the 1m sets direction, the 15m timing."""
     if s15 is None:
         return rule_primary(s1, s15)
-    p = policy_signal(s15, s1, weight_1m=0.3, weight_15m=0.7, tier1_confidence=0.20)
+    p = policy_signal(s15, s1, weight_1m=0.3, weight_15m=0.7, tier1_confidence=0.20, rule="table")
     names = {"15m_neutral": "1m_neutral", "1m_cooling": "15m_cooling"}
     return PolicySignal(p.source, names.get(p.agreement, p.agreement), p.regime, p.confidence, p.bias_signal)
 
