@@ -77,6 +77,10 @@ SNAPSHOT_VERSION = 2  # 2: emission and posterior temperatures, spread separatio
 EMA_FAST_SPAN, EMA_SLOW_SPAN = 9, 21
 
 
+class UnseparatedStates(BadData):
+    """A fit (or snapshot) whose states do not separate on the EMA spread: its labels would mean nothing."""
+
+
 def filter_autocorrelation_time(fast_span: float = EMA_FAST_SPAN, slow_span: float = EMA_SLOW_SPAN) -> float:
     """Integrated autocorrelation time, in rows, of the EMA spread of a random walk.
 
@@ -197,7 +201,23 @@ class _TemperedGaussianHMM(_GaussianHMM):
     temperature = 1.0
 
     def _compute_log_likelihood(self, X):  # noqa: N803 (hmmlearn's name)
-        return super()._compute_log_likelihood(X) / self.temperature
+        if self.covariance_type != "full":
+            return super()._compute_log_likelihood(X) / self.temperature
+        # hmmlearn's density, batched: one Cholesky factor and inverse for the three states and one
+        # matrix product, instead of a triangular solve per state (half a fit's time otherwise).
+        covars = self.covars_
+        try:
+            chol = np.linalg.cholesky(covars)
+        except np.linalg.LinAlgError:
+            # as hmmlearn: a state with too few rows gets its covariance nudged, else the fit fails
+            try:
+                chol = np.linalg.cholesky(covars + 1e-7 * np.eye(X.shape[1]))
+            except np.linalg.LinAlgError:
+                raise ValueError("'covars' must be symmetric, positive-definite") from None
+        z = (X[None, :, :] - self.means_[:, None, :]) @ np.linalg.inv(chol).transpose(0, 2, 1)
+        log_det = 2.0 * np.log(np.diagonal(chol, axis1=1, axis2=2)).sum(axis=1)
+        loglik = -0.5 * (np.square(z).sum(axis=2) + log_det[:, None] + X.shape[1] * math.log(2 * math.pi))
+        return loglik.T / self.temperature
 
 
 def spread_separation(means: np.ndarray, covars: np.ndarray) -> float:
@@ -230,6 +250,15 @@ def window_posteriors(
     lik = np.exp(loglik - loglik.max(axis=1, keepdims=True))
     alpha = np.tile(np.asarray(prior, dtype=float), (len(ends), 1))
     first = np.asarray(ends) - window + 1
+    transmat = np.asarray(transmat, dtype=float)
+    if (first >= 0).all() and (transmat > 0).all():
+        # Every window whole, every move possible: each row's likelihood peaks at 1 and every state
+        # keeps some mass after a step, so nothing underflows and nothing needs masking.
+        for k in range(window):
+            alpha = alpha @ transmat
+            alpha *= lik[first + k]
+            alpha /= alpha.sum(axis=1, keepdims=True)
+        return alpha
     for k in range(window):
         row = first + k
         step = (alpha @ transmat) * lik[np.maximum(row, 0)]
@@ -497,7 +526,7 @@ class RegimeDetector:
         separated = [f for f in fits if f[1] >= self.min_separation]
         if not separated:
             best_sep = max(f[1] for f in fits)
-            raise BadData(
+            raise UnseparatedStates(
                 f"the states do not separate on the EMA spread (separation {best_sep:.3f} < {self.min_separation})"
             )
         best_score, separation, best = max(separated, key=lambda f: f[0])
@@ -717,6 +746,13 @@ class RegimeDetector:
         self._chol_inv_t = np.ascontiguousarray(np.linalg.inv(chol).transpose(0, 2, 1))
         self._log_norm = log_norm - np.log(np.diagonal(chol, axis1=1, axis2=2)).sum(axis=1)
         self._inv_emission_temperature = 1.0 / self.emission_temperature_
+        # ... folded: log p / T = log_norm / T - (nu + d) / (2 T) * log1p(m / nu)  (Gaussian: - m / (2 T))
+        self._log_norm_t = self._log_norm * self._inv_emission_temperature
+        if dof is None:
+            self._half_t, self._inv_dof = 0.5 * self._inv_emission_temperature, None
+        else:
+            self._half_t = (0.5 * (dof + d) * self._inv_emission_temperature)[:, None]
+            self._inv_dof = (1.0 / dof)[:, None]
         self._inv_posterior_temperature = 1.0 / self.posterior_temperature_
         self._transmat_list = transmat.tolist()
         self._window_prior = window_prior
@@ -731,11 +767,8 @@ class RegimeDetector:
         z = (x[None, :, :] - self._loc[:, None, :]) @ self._chol_inv_t
         m = np.square(z).sum(axis=2)  # squared Mahalanobis distance, (3, n)
         if self._dof is None:
-            ll = self._log_norm[:, None] - 0.5 * m
-        else:
-            nu = self._dof[:, None]
-            ll = self._log_norm[:, None] - 0.5 * (nu + N_FEATURES) * np.log1p(m / nu)
-        return (ll * self._inv_emission_temperature).T
+            return (self._log_norm_t[:, None] - self._half_t * m).T
+        return (self._log_norm_t[:, None] - self._half_t * np.log1p(m * self._inv_dof)).T
 
     def state_posterior(self, x: np.ndarray) -> list[float]:
         """Calibrated filtered posterior of the last row of standardised rows ``x``, model state order.
@@ -885,7 +918,7 @@ class RegimeDetector:
             np.linalg.cholesky(arrays["covars"][0])  # positive definite before anything is derived from it
             separation = spread_separation(arrays["means"][0], arrays["covars"][0])
             if not separation >= self.min_separation:
-                raise BadData(f"model snapshot states do not separate on the EMA spread ({separation:.3f})")
+                raise UnseparatedStates(f"model snapshot states do not separate on the EMA spread ({separation:.3f})")
             counts = {k: int(data[k]) for k in ("n_train_candles", "n_samples", "n_effective_samples")}
             extra = (float(data["log_likelihood"]), int(data["n_iter_run"]), bool(data["converged"]))
         except np.linalg.LinAlgError:

@@ -19,15 +19,17 @@ import numpy as np
 from candles import Candle
 from config import Settings
 from errors import BadData
-from hmm_regime_detector import EMISSION_TEMPERATURE, FeatureStream, RegimeDetector
+from hmm_regime_detector import EMISSION_TEMPERATURE, FeatureStream, RegimeDetector, UnseparatedStates
 from regime_policy import NO_SIGNAL, RegimeSignal
 from training_depth import TrainingDepth, decay_copies, quality_tier, retrain_reason, training_depth
 
 log = logging.getLogger(__name__)
 
 RETRY_AFTER_FAILURE_SEC = 600.0
-"""Wait after a failed fit; it doubles with each further failure in a row, up to the retrain interval
-(a fit whose states did not separate will not separate ten minutes later either)."""
+"""Wait after a failed fit; it doubles with each further failure in a row, up to the retrain interval."""
+RETRY_AFTER_REJECTION_SEC = 3600.0
+"""The same, when the fit was rejected because its states did not separate on the EMA spread: refitted
+ten minutes later on 99.75 % of the same candles, it would not separate either."""
 
 # How many consecutive rows each model counts as one observation (RegimeDetector.emission_temperature).
 EMISSION_TEMPERATURES = {"primary": EMISSION_TEMPERATURE, "secondary": 1.0}
@@ -77,6 +79,7 @@ class ModelSlot:
         self.last_error: str | None = None
         self._last_failure_at: float | None = None
         self._failures_in_a_row = 0
+        self._first_wait_sec = RETRY_AFTER_FAILURE_SEC
         self._packed: tuple[RegimeDetector, dict] | None = None
 
     @property
@@ -101,9 +104,7 @@ class ModelSlot:
     def retry_after_sec(self) -> float:
         """How long after the last failed fit the next attempt waits (exponential back-off)."""
         doublings = max(0, self._failures_in_a_row - 1)
-        return min(
-            RETRY_AFTER_FAILURE_SEC * 2.0**doublings, max(RETRY_AFTER_FAILURE_SEC, self.spec.retrain_interval_sec)
-        )
+        return min(self._first_wait_sec * 2.0**doublings, max(self._first_wait_sec, self.spec.retrain_interval_sec))
 
     def retrain_reason(self, available: int, now: float) -> str | None:
         if self._last_failure_at is not None and now - self._last_failure_at < self.retry_after_sec:
@@ -135,6 +136,9 @@ class ModelSlot:
         except (BadData, ValueError, np.linalg.LinAlgError) as exc:
             self.last_error = f"training failed: {exc}"
             self._last_failure_at = now
+            if self._failures_in_a_row == 0:
+                rejected = isinstance(exc, UnseparatedStates)
+                self._first_wait_sec = RETRY_AFTER_REJECTION_SEC if rejected else RETRY_AFTER_FAILURE_SEC
             self._failures_in_a_row += 1
             log.error("%s model: %s (keeping the previous model)", spec.name, self.last_error)
             effective = int(copies.sum()) if copies is not None else len(rows)

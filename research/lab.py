@@ -277,7 +277,8 @@ def rolling_model(candles, make, *, target: int, min_samples: int, interval_sec:
     failed fit is retried ``retry_sec`` later), and the model then in use
     infers candle ``i`` from its newest ``recent_candles`` feature rows.
     """
-    from model_slot import RETRY_AFTER_FAILURE_SEC
+    from hmm_regime_detector import UnseparatedStates
+    from model_slot import RETRY_AFTER_FAILURE_SEC, RETRY_AFTER_REJECTION_SEC
 
     rows, row_of = feature_rows(candles)
     n = len(candles)
@@ -286,11 +287,12 @@ def rolling_model(candles, make, *, target: int, min_samples: int, interval_sec:
     tiers: list = [None] * n
     run = ModelRun(probs, modifier, tiers)
     det, trained_at, trained_n, failed_at, failures = None, None, None, None, 0
+    first_wait = RETRY_AFTER_FAILURE_SEC
     spans = []  # (det, first candle, last candle + 1)
     start = 0
     for i in range(n):
         now = (i + 1) * interval_sec
-        retry_sec = min(RETRY_AFTER_FAILURE_SEC * 2.0 ** max(0, failures - 1), 86400.0)
+        retry_sec = min(first_wait * 2.0 ** max(0, failures - 1), 86400.0)
         if failed_at is not None and now - failed_at < retry_sec:
             continue
         reason = retrain_reason(
@@ -305,6 +307,9 @@ def rolling_model(candles, make, *, target: int, min_samples: int, interval_sec:
             new = make().fit(train)
         except (BadData, ValueError, np.linalg.LinAlgError) as exc:
             run.fits.append((i, len(train), tier.name, False, str(exc)))
+            if failures == 0:
+                rejected = isinstance(exc, UnseparatedStates)
+                first_wait = RETRY_AFTER_REJECTION_SEC if rejected else RETRY_AFTER_FAILURE_SEC
             failed_at, failures = now, failures + 1
             continue
         run.fits.append((i, len(train), tier.name, True, None))

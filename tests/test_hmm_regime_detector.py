@@ -13,6 +13,7 @@ from hmm_regime_detector import (
     WARMUP_ROWS,
     FeatureStream,
     RegimeDetector,
+    UnseparatedStates,
     compute_features,
     filter_autocorrelation_time,
     predictive_student_t,
@@ -350,7 +351,7 @@ def test_spread_separation_measures_the_smaller_adjacent_gap():
 def test_a_fit_whose_states_do_not_separate_on_the_spread_is_rejected(fitted):
     model = copy.deepcopy(fitted)
     before = model.to_dict()
-    with pytest.raises(BadData, match="do not separate on the EMA spread"):
+    with pytest.raises(UnseparatedStates, match="do not separate on the EMA spread"):  # a BadData
         model.fit(flat_market_with_volume_regimes())
     assert model.to_dict() == before  # the last good model stays
 
@@ -417,3 +418,17 @@ def test_a_snapshot_with_bad_calibration_fields_is_refused(fitted, corrupt):
     with pytest.raises(BadData):
         target.load_dict(data)
     assert not target.is_trained
+
+
+def test_batched_log_likelihood_equals_hmmlearns(sim_data, fitted):
+    from hmm_regime_detector import _TemperedGaussianHMM
+
+    candles, _ = sim_data
+    f = compute_features(candles[:1000])
+    x = fitted.standardise(f[~np.isnan(f).any(axis=1)])
+    model = _TemperedGaussianHMM(n_components=3, covariance_type="full")
+    model.n_features, model.means_, model.covars_ = 4, fitted.means_, fitted.covars_
+    model.temperature = 3.0
+    stock = GaussianHMM(n_components=3, covariance_type="full")
+    stock.n_features, stock.means_, stock.covars_ = 4, fitted.means_, fitted.covars_
+    np.testing.assert_allclose(model._compute_log_likelihood(x), stock._compute_log_likelihood(x) / 3.0, rtol=1e-10)

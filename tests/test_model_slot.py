@@ -1,28 +1,35 @@
 import pytest
 
 from errors import BadData
-from hmm_regime_detector import EMISSION_TEMPERATURE, RegimeDetector
+from hmm_regime_detector import EMISSION_TEMPERATURE, RegimeDetector, UnseparatedStates
 from market_sim import generate
-from model_slot import RETRY_AFTER_FAILURE_SEC, ModelSlot, SlotSpec, detector_options
+from model_slot import RETRY_AFTER_FAILURE_SEC, RETRY_AFTER_REJECTION_SEC, ModelSlot, SlotSpec, detector_options
 
 SPEC = SlotSpec("primary", 1, target=4000, min_samples=500, retrain_interval_sec=86_400)
 
 
-class Refusing(RegimeDetector):
-    """A detector whose fits are rejected (as when the states do not separate on the spread)."""
+class Failing(RegimeDetector):
+    """A detector whose fits fail (too few usable rows, degenerate covariances...)."""
 
     def fit(self, candles, copies=None):
-        raise BadData("the states do not separate on the EMA spread")
+        raise BadData("only 12 usable feature rows")
+
+
+class Refusing(RegimeDetector):
+    """A detector whose fits are rejected by the label check."""
+
+    def fit(self, candles, copies=None):
+        raise UnseparatedStates("the states do not separate on the EMA spread")
 
 
 def test_failed_fits_back_off_exponentially_up_to_the_retrain_interval():
-    slot = ModelSlot(SPEC, Refusing)
+    slot = ModelSlot(SPEC, Failing)
     candles, _ = generate(600, seed=1)
     now = 1_767_225_600.0
     waits = []
     for _ in range(10):
         record = slot.train(candles, now, "initial")
-        assert not record.ok and "do not separate" in record.error
+        assert not record.ok and "usable" in record.error
         waits.append(slot.retry_after_sec)
         assert slot.retrain_reason(600, now + slot.retry_after_sec - 1) is None  # still waiting
         now += slot.retry_after_sec
@@ -31,8 +38,18 @@ def test_failed_fits_back_off_exponentially_up_to_the_retrain_interval():
     assert waits[-1] == SPEC.retrain_interval_sec  # never longer than the retrain interval
 
 
-def test_a_successful_fit_resets_the_back_off():
+def test_a_rejected_fit_waits_an_hour_first():
     slot = ModelSlot(SPEC, Refusing)
+    candles, _ = generate(600, seed=1)
+    record = slot.train(candles, 0.0, "initial")
+    assert not record.ok and "do not separate" in record.error and slot.last_error.startswith("training failed")
+    assert slot.retry_after_sec == RETRY_AFTER_REJECTION_SEC
+    slot.train(candles, 3600.0, "initial")
+    assert slot.retry_after_sec == 2 * RETRY_AFTER_REJECTION_SEC
+
+
+def test_a_successful_fit_resets_the_back_off():
+    slot = ModelSlot(SPEC, Failing)
     candles, _ = generate(600, seed=1)
     slot.train(candles, 0.0, "initial")
     slot.train(candles, 600.0, "initial")
