@@ -15,28 +15,35 @@ MACD): one candle's return moves the EMA spread for about
 :data:`EMISSION_TEMPERATURE` rows, so neighbouring rows are the same evidence
 counted again. A plain HMM treats every row as independent, piles that
 evidence up, and its posteriors sit near 1.0 whatever the market does. The
-detector therefore:
+detector therefore (README "Calibrated probabilities"; research/ measures
+each step):
 
 1. tempers the emission log-likelihood by ``emission_temperature`` (default
    :data:`EMISSION_TEMPERATURE`, the integrated autocorrelation time of the
    EMA-spread filter under serially uncorrelated returns, derived from its
-   spans; :func:`filter_autocorrelation_time`), at fit (tempered EM) and at
+   spans by :func:`filter_autocorrelation_time`), at fit (tempered EM) and at
    inference alike, so one autocorrelation time of rows counts as one
    observation;
 2. starts EM from states cut at quantiles of the EMA spread (the feature that
-   names the states), because under tempering the usual k-means or random
-   starts collapse into one state;
+   names the states), because under tempering k-means or random starts
+   collapse two or three states into one;
 3. rejects a fit whose states do not separate on the EMA spread
-   (:func:`spread_separation`): its labels would mean nothing;
-4. calibrates the posterior with one more temperature fitted without labels,
-   by a state-conditional bootstrap (:meth:`RegimeDetector.calibrate`):
-   synthetic candles are drawn from the fitted regime chain, each state's
-   candles resampled from the training candles that state explains, their
-   features computed exactly as the bot computes them and the online
-   posterior scored against the synthetic states. Where the states differ in
-   what the price does, the detector keeps its confidence; where they only
-   differ in how the features look (direction on most real markets), the
-   calibration takes it away.
+   (:func:`spread_separation`, :class:`UnseparatedStates`): its labels would
+   mean nothing;
+4. infers with each state's posterior predictive given the independent rows
+   it was fitted on (:func:`predictive_student_t`), smooths the transition
+   matrix with one pseudo-transition per move (Laplace), and caps what one
+   window can tell by what the states are known from (a factor
+   ``1 + 3 W / N`` on the temperature): together they keep a model fitted on
+   few candles from claiming what those candles cannot support;
+5. calibrates the posterior with one more temperature, fitted without labels
+   by a state-conditional bootstrap (:meth:`RegimeDetector.fit_posterior_temperature`):
+   synthetic candles follow the fitted regime chain, each state's candles are
+   resampled from the training candles that follow the rows it explains,
+   their features are computed as the bot computes them and the online
+   posterior is scored against the synthetic states. States that differ in
+   what the price does keep their confidence; states that only differ in how
+   the lagging features looked lose it.
 
 Fitting uses ``hmmlearn``; states are labelled BEARISH / RANGING / BULLISH by
 their mean EMA spread. Inference only needs the fitted parameters, so a model
@@ -73,7 +80,7 @@ SPREAD_FEATURE = 1
 WARMUP_ROWS = 35  # MACD slow EMA (26) + signal EMA (9)
 INFERENCE_WARMUP = 200  # extra rows before an inference window so the EMAs settle
 Z_CLIP = 6.0  # standardised features are clipped here so one wild candle cannot own a state
-SNAPSHOT_VERSION = 2  # 2: emission and posterior temperatures, spread separation
+SNAPSHOT_VERSION = 2  # 2: temperatures, effective counts and prior covariance (calibrated probabilities)
 EMA_FAST_SPAN, EMA_SLOW_SPAN = 9, 21
 
 
@@ -488,11 +495,34 @@ class RegimeDetector:
     def fit(self, candles: Sequence[Candle], copies: np.ndarray | None = None) -> RegimeDetector:
         """Fit on ``candles`` (oldest first).
 
-        ``copies`` optionally repeats each candle's feature row in place (deep
-        decay resampling); features are always computed on the true sequence.
-        Raises :class:`BadData` when the candles cannot support a model or no
-        fit separates its states on the EMA spread; the detector is then left
-        exactly as it was.
+        Tempered EM from each of :attr:`n_init` spread-quantile starts; of the
+        fits whose states separate on the EMA spread, the one with the highest
+        likelihood is kept. Then the effective counts (each state's posterior
+        weight over the emission temperature), the Laplace-smoothed transition
+        matrix, the window-evidence cap and the bootstrap posterior
+        temperature are derived from it.
+
+        Parameters
+        ----------
+        candles : sequence of Candle
+            The training history, at least ``WARMUP_ROWS + 30`` candles.
+        copies : ndarray of int, shape (n_candles,), optional
+            Repeats each candle's feature row in place (deep decay
+            resampling); features, effective counts and the calibration
+            always use the true sequence.
+
+        Returns
+        -------
+        RegimeDetector
+            ``self``.
+
+        Raises
+        ------
+        BadData
+            When the candles cannot support a model, every start fails, or
+            (:class:`UnseparatedStates`) no fit separates its states on the
+            EMA spread by :attr:`min_separation`. The detector is then left
+            exactly as it was.
         """
         features = compute_features(candles)
         keep = ~np.isnan(features).any(axis=1)

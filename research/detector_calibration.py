@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1, default=float) + "\n")
+        Path(args.json).write_text(json.dumps(results, default=float) + "\n")
     return 0
 
 

@@ -48,8 +48,10 @@ def shallow_figures(pair: str, make1, make15, rules: list[str]) -> dict:
     mod15 = np.nan_to_num(align_secondary(ones, fifteens, run15.modifier))
     times = np.array([c.time + 60 for c in ones], dtype=float)
     shallow = np.array([t == "shallow" for t in run1.tier])
+    srt = np.sort(run1.probs[shallow], axis=1)
     out = {
         "shallow_minutes": int(shallow.sum()),
+        "median_raw_confidence": float(np.median(srt[:, 2] - srt[:, 1])) if shallow.any() else math.nan,
         "primary_fits": [(i, n, tier, ok) for i, n, tier, ok, _ in run1.fits],
     }
     for name in rules:
@@ -113,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     rules = args.rules.split(",")
     pairs = detector_pairs()
     print(
-        f"{'file':6} {'detectors':10} {'shallow min':>11} "
+        f"{'file':6} {'detectors':10} {'shallow min':>11} {'med conf':>8} "
         + " ".join(f"{'t2 ' + r:>12}" for r in rules)
         + "  primary fits"
     )
@@ -122,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             r = shallow_figures(pair, *pairs[det], rules)
             fits = ", ".join(f"{i}:{tier}{'' if ok else ' rejected'}" for i, _, tier, ok in r["primary_fits"][:6])
             print(
-                f"{pair:6} {det:10} {r['shallow_minutes']:>11} "
+                f"{pair:6} {det:10} {r['shallow_minutes']:>11} {r['median_raw_confidence']:>8.3f} "
                 + " ".join(f"{r[x]:>12.3f}" for x in rules)
                 + f"  {fits}",
                 flush=True,
