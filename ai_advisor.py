@@ -400,6 +400,7 @@ def build_regime_context(status: Mapping[str, Any], operational: Mapping[str, An
         "hmm_1m": model(hmm.get("primary")),
         "hmm_15m": model(hmm.get("secondary")),
         "consensus": {
+            "rule": consensus.get("rule"),
             "active": consensus.get("active"),
             "agreement": policy.get("agreement"),
             "effective_regime": policy.get("regime"),

@@ -3,19 +3,22 @@
     python benchmark.py            # everything (a few minutes)
     python benchmark.py --quick    # skip the long runs (replay of the whole file, memory soak)
     python benchmark.py --json out.json
+    python benchmark.py --only quality --quality-seeds 1-10 --json quality.json   # one section
 
 Figures: fitting the 4000-candle primary model, one inference cycle of both
 models, the main-loop cycle without training or network, ``GET /api/status``
 latency from another process while the loop runs, replay of the whole DOGE
-file, resident memory of a long simulated run, and the detector's quality
-against the simulator's ground truth next to an EMA(9/21) crossover, and the
-main loop and status latency while the AI advisor waits 30 s on its LLM.
+file, resident memory of a long simulated run, the detector's quality
+against the simulator's ground truth (both models: balanced accuracy,
+switches against the true ones, calibration), and the main loop and status
+latency while the AI advisor waits 30 s on its LLM.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -24,19 +27,20 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Callable, Sequence
-from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
 from threadpoolctl import threadpool_limits
 
 from bot import Bot
-from candles import read_candles_csv
+from candles import aggregate, read_candles_csv
 from clock import SimClock
 from config import load_settings
+from errors import BadData
 from hmm_regime_detector import RegimeDetector, compute_features
 from market_sim import SimulatedMarket, generate
-from regime_policy import BEARISH, BULLISH, RANGING, REGIMES
+from model_slot import detector_options
+from regime_policy import RANGING, REGIMES
 from store import SQLiteStore
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "tests"))
@@ -326,79 +330,107 @@ def bench_memory(results: dict, seconds: float) -> None:
 # --- detector quality -------------------------------------------------------------------
 
 
-def balanced_accuracy(truth: Sequence[str], pred: Sequence[str]) -> float:
-    recalls = []
-    for r in REGIMES:
-        idx = [i for i, t in enumerate(truth) if t == r]
-        if idx:
-            recalls.append(sum(pred[i] == r for i in idx) / len(idx))
-    return float(np.mean(recalls))
+QUALITY_TRAIN = QUALITY_TEST = 4000
+QUALITY_MODELS = (("1m", 1, "primary", 100), ("15m", 15, "secondary", 50))
 
 
-def switches(labels: Sequence[str]) -> int:
-    return sum(1 for a, b in pairwise(labels) if a != b)
+def balanced_accuracy(truth: np.ndarray, pred: np.ndarray) -> float:
+    """Mean over the true classes present of their recall."""
+    return float(np.mean([(pred[truth == c] == c).mean() for c in range(len(REGIMES)) if (truth == c).any()]))
+
+
+def switches(labels: np.ndarray) -> int:
+    return int((np.diff(labels) != 0).sum())
+
+
+def expected_calibration_error(top: np.ndarray, correct: np.ndarray, bins: int = 10) -> float:
+    """ECE of the top-state probability: sum over equal-width bins of share x |accuracy - mean probability|."""
+    which = np.clip((top * bins).astype(int), 0, bins - 1)
+    return float(
+        sum((which == b).mean() * abs(correct[which == b].mean() - top[which == b].mean()) for b in set(which.tolist()))
+    )
+
+
+def quality_series(seed: int, interval_min: int) -> tuple[list, np.ndarray]:
+    """Simulator candles of ``interval_min`` minutes (train + test + warm-up) and their true labels (0/1/2).
+
+    A 15-minute candle aggregates 15 simulated minutes; its true regime is the regime of its last minute:
+    the state in force when the candle closes, which the posterior at that close estimates and the bot acts on.
+    """
+    count = QUALITY_TRAIN + QUALITY_TEST + 1
+    ones, labels = generate(count * interval_min, seed=seed)
+    label = np.array([REGIMES.index(x) for x in labels])
+    if interval_min == 1:
+        return ones, label
+    candles = aggregate(ones, interval_min, closed_before=math.inf)  # the simulator starts on a bucket boundary
+    return candles, label[interval_min - 1 :: interval_min][: len(candles)]
+
+
+def quality_of(seed: int, interval_min: int, role: str, window: int) -> dict:
+    """Train on the first 4000 candles, score the next 4000 online as the bot infers (newest ``window`` rows)."""
+    candles, truth = quality_series(seed, interval_min)
+    det = RegimeDetector(recent_candles=window, **detector_options(role))
+    try:
+        det.fit(candles[:QUALITY_TRAIN])
+    except BadData as exc:
+        return {"rejected": str(exc)}
+    features = compute_features(candles)  # streamed from the first candle, as the bot's FeatureStream
+    usable = ~np.isnan(features).any(axis=1)
+    rows, row_of = features[usable], np.cumsum(usable) - 1
+    test = np.arange(QUALITY_TRAIN, QUALITY_TRAIN + QUALITY_TEST)
+    probs = np.array([det.infer_rows(rows[max(0, row_of[i] - window + 1) : row_of[i] + 1]).probabilities for i in test])
+    pred, truth = probs.argmax(axis=1), truth[test]
+    return {
+        "rejected": None,
+        "balanced_accuracy": balanced_accuracy(truth, pred),
+        "switches": switches(pred),
+        "true_switches": switches(truth),
+        "ece": expected_calibration_error(probs.max(axis=1), pred == truth),
+        "median_confidence": float(np.median(np.sort(probs, axis=1)[:, 2] - np.sort(probs, axis=1)[:, 1])),
+        "posterior_temperature": det.posterior_temperature_,
+    }
 
 
 def bench_quality(results: dict, seeds: Sequence[int]) -> None:
-    print(f"Detector quality on the simulator: train on 4000 candles, score the next 4000 online, seeds {list(seeds)}")
-    rows = []
+    print(
+        f"Detector quality on the simulator: train on {QUALITY_TRAIN} candles, score the next {QUALITY_TEST} online "
+        f"as the bot infers, seeds {list(seeds)} (targets, 1m: balanced accuracy >= 0.72 mean and >= 0.55 each, "
+        "switches <= 2.5x the true ones, ECE <= 0.10)"
+    )
+    out: dict = {"seeds": {}, "mean": {}}
+    header = " | ".join(f"{name:>3}: {'bal.acc':>7} {'switches':>9} {'ECE':>6}" for name, *_ in QUALITY_MODELS)
+    print(f"  {'seed':>4} | {header}")
     for seed in seeds:
-        candles, labels = generate(8200, seed=seed)
-        train, test_from = candles[:4000], 4200
-        det = RegimeDetector().fit(train)
-        preds, confs = [], []
-        for i in range(test_from, test_from + 4000):
-            s = det.infer(candles[i - det.window_size + 1 : i + 1])
-            preds.append(s.regime)
-            confs.append(s.confidence)
-        truth = labels[test_from : test_from + 4000]
-        spread = compute_features(candles[: test_from + 4000])[test_from:, 1]
-        ema_cross = [BULLISH if x > 0 else BEARISH for x in spread]
-        band = float(np.median(np.abs(spread)))
-        ema_band = [BULLISH if x > band else BEARISH if x < -band else RANGING for x in spread]
-        rows.append(
-            {
-                "seed": seed,
-                "true_switches": switches(truth),
-                "hmm": {
-                    "balanced_accuracy": balanced_accuracy(truth, preds),
-                    "switches": switches(preds),
-                    "median_confidence": float(np.median(confs)),
-                },
-                "ema_crossover": {
-                    "balanced_accuracy": balanced_accuracy(truth, ema_cross),
-                    "switches": switches(ema_cross),
-                },
-                "ema_band": {"balanced_accuracy": balanced_accuracy(truth, ema_band), "switches": switches(ema_band)},
-            }
+        row = {name: quality_of(seed, interval, role, window) for name, interval, role, window in QUALITY_MODELS}
+        out["seeds"][str(seed)] = row
+        cells = []
+        for name, *_ in QUALITY_MODELS:
+            r = row[name]
+            if r["rejected"]:
+                cells.append(f"{name:>3}: rejected ({r['rejected']})")
+            else:
+                sw = f"{r['switches']}/{r['true_switches']}"
+                cells.append(f"{name:>3}: {r['balanced_accuracy']:>7.3f} {sw:>9} {r['ece']:>6.3f}")
+        print(f"  {seed:>4} | " + " | ".join(cells), flush=True)
+    for name, *_ in QUALITY_MODELS:
+        ok = [r[name] for r in out["seeds"].values() if not r[name]["rejected"]]
+        if not ok:
+            out["mean"][name] = {"rejected": len(seeds)}
+            continue
+        mean = {
+            k: float(np.mean([r[k] for r in ok])) for k in ("balanced_accuracy", "switches", "true_switches", "ece")
+        }
+        mean["min_balanced_accuracy"] = float(min(r["balanced_accuracy"] for r in ok))
+        mean["switch_ratio"] = mean["switches"] / max(mean["true_switches"], 1e-9)
+        mean["rejected"] = len(seeds) - len(ok)
+        out["mean"][name] = mean
+        line(
+            f"{name} mean: balanced accuracy (min), switches/true, ECE",
+            f"{mean['balanced_accuracy']:.3f} ({mean['min_balanced_accuracy']:.3f}), "
+            f"{mean['switch_ratio']:.2f}x, {mean['ece']:.3f}",
+            f"({mean['rejected']} fits rejected)",
         )
-    results["detector_quality"] = rows
-    print(
-        f"  {'seed':>4} {'true sw':>8} | {'HMM bal.acc':>11} {'HMM sw':>7} {'med conf':>8} | "
-        f"{'EMA x bal.acc':>13} {'EMA x sw':>8} | {'EMA band bal.acc':>16} {'sw':>5}"
-    )
-    for r in rows:
-        print(
-            f"  {r['seed']:>4} {r['true_switches']:>8} | {r['hmm']['balanced_accuracy']:>11.3f} "
-            f"{r['hmm']['switches']:>7} {r['hmm']['median_confidence']:>8.3f} | "
-            f"{r['ema_crossover']['balanced_accuracy']:>13.3f} {r['ema_crossover']['switches']:>8} | "
-            f"{r['ema_band']['balanced_accuracy']:>16.3f} {r['ema_band']['switches']:>5}"
-        )
-
-    def mean(path):
-        vals = [r[path[0]][path[1]] if len(path) == 2 else r[path[0]] for r in rows]
-        return float(np.mean(vals))
-
-    print(
-        f"  mean: HMM balanced accuracy {mean(('hmm', 'balanced_accuracy')):.3f}, "
-        f"switches {mean(('hmm', 'switches')):.0f} vs true {mean(('true_switches',)):.0f} "
-        f"({mean(('hmm', 'switches')) / max(mean(('true_switches',)), 1):.1f}x), "
-        f"median confidence {mean(('hmm', 'median_confidence')):.3f}; "
-        f"EMA crossover {mean(('ema_crossover', 'balanced_accuracy')):.3f} "
-        f"({mean(('ema_crossover', 'switches')):.0f} switches); "
-        f"EMA with a dead band {mean(('ema_band', 'balanced_accuracy')):.3f} "
-        f"({mean(('ema_band', 'switches')):.0f} switches)"
-    )
+    results["quality"] = out
 
 
 def bench_sim_tiers(results: dict) -> None:
@@ -428,12 +460,36 @@ def bench_sim_tiers(results: dict) -> None:
     line("share of truly ranging time spent at tier >= 1", f"{directional_when_ranging / max(ranging, 1):.1%}")
 
 
+SECTIONS = ("fit", "inference", "status", "advisor", "quality", "tiers", "replay", "memory")
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``1-10``, ``1,3,5`` or ``1-3,7``."""
+    seeds: list[int] = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        lo, _, hi = part.partition("-")
+        seeds.extend(range(int(lo), int(hi or lo) + 1))
+    if not seeds:
+        raise argparse.ArgumentTypeError(f"no seeds in {text!r}")
+    return seeds
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="skip the whole-file replay and the memory soak")
+    ap.add_argument(
+        "--only", help=f"comma-separated sections to run, of: {', '.join(SECTIONS)} (default: all)", default=None
+    )
+    ap.add_argument("--quality-seeds", type=parse_seeds, default=parse_seeds("1-5"), help="e.g. 1-10 or 1,3,5")
     ap.add_argument("--json", help="also write the results to this JSON file")
     ap.add_argument("--memory-seconds", type=float, default=120.0)
     args = ap.parse_args(argv)
+    only = set(SECTIONS) if args.only is None else {x.strip() for x in args.only.split(",") if x.strip()}
+    unknown = only - set(SECTIONS)
+    if unknown:
+        ap.error(f"unknown section(s) {', '.join(sorted(unknown))}; known: {', '.join(SECTIONS)}")
+    if args.quick and args.only is None:
+        only -= {"replay", "memory"}
     import logging
 
     logging.basicConfig(level=logging.WARNING)
@@ -441,15 +497,19 @@ def main(argv: list[str] | None = None) -> int:
     threadpool_limits(1)  # as the bot runs (bot.run)
     results: dict = {"cpu_count": os.cpu_count(), "python": sys.version.split()[0]}
     print(f"benchmark on {os.cpu_count()} cores, Python {results['python']}")
-    bench_fit(results)
-    bench_inference_and_cycle(results)
-    bench_status_latency(results)
-    bench_advisor(results)
-    bench_quality(results, seeds=(1, 2, 3, 4, 5))
-    bench_sim_tiers(results)
-    if not args.quick:
-        bench_replay(results)
-        bench_memory(results, args.memory_seconds)
+    sections: dict[str, Callable[[], None]] = {
+        "fit": lambda: bench_fit(results),
+        "inference": lambda: bench_inference_and_cycle(results),
+        "status": lambda: bench_status_latency(results),
+        "advisor": lambda: bench_advisor(results),
+        "quality": lambda: bench_quality(results, args.quality_seeds),
+        "tiers": lambda: bench_sim_tiers(results),
+        "replay": lambda: bench_replay(results),
+        "memory": lambda: bench_memory(results, args.memory_seconds),
+    }
+    for name in SECTIONS:
+        if name in only:
+            sections[name]()
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2, default=float) + "\n")
     return 0

@@ -296,6 +296,7 @@ class Bot:
             weight_1m=s.CONSENSUS_1M_WEIGHT,
             weight_15m=s.CONSENSUS_15M_WEIGHT,
             tier1_confidence=s.REGIME_TIER1_CONFIDENCE,
+            rule=s.CONSENSUS_RULE,
         )
 
     def confidence_modifier(self) -> float:

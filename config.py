@@ -93,11 +93,20 @@ class Settings:
     HMM_RETRAIN_INTERVAL_SEC: float = _setting(86400.0, "Scheduled retrain period", lo=600, hi=30 * 86400)
     HMM_SECONDARY_ENABLED: bool = _setting(True, "Use the 15m model and 1m/15m consensus")
     HMM_N_ITER: int = _setting(100, "EM iterations per fit", lo=5, hi=2000)
-    HMM_N_INIT: int = _setting(4, "Initialisations per fit; the best likelihood wins", lo=1, hi=20)
-    HMM_RANDOM_STATE: int = _setting(42, "Seed of model fitting (reproducible fits)", lo=0, hi=2**32 - 1)
+    HMM_N_INIT: int = _setting(
+        4, "Initialisations per fit (spread-quantile starts); the best likelihood of those whose states separate wins",
+        lo=1, hi=20,
+    )  # fmt: skip
+    HMM_RANDOM_STATE: int = _setting(
+        42, "Seed of model fitting and its calibration bootstrap (reproducible fits)", lo=0, hi=2**32 - 1
+    )
     HMM_COVARIANCE_TYPE: str = _setting("full", "Gaussian covariance form", choices=("full", "diag"))
     HMM_DEEP_DECAY_ENABLED: bool = _setting(False, "Resample training rows so recent ones weigh more")
     HMM_DEEP_DECAY_HALFLIFE: int = _setting(1440, "Half-life of deep decay, in candles", lo=10, hi=1_000_000)
+    CONSENSUS_RULE: str = _setting(
+        "primary", "How the 1m and 15m models make the tier signal (table = 15m direction, 1m timing)",
+        choices=("primary", "table"),
+    )  # fmt: skip
     CONSENSUS_1M_WEIGHT: float = _setting(0.3, "Weight of the 1m bias in full agreement", lo=0, hi=1)
     CONSENSUS_15M_WEIGHT: float = _setting(0.7, "Weight of the 15m bias in full agreement", lo=0, hi=1)
     # --- regime tiers -------------------------------------------------------

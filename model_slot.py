@@ -19,13 +19,25 @@ import numpy as np
 from candles import Candle
 from config import Settings
 from errors import BadData
-from hmm_regime_detector import FeatureStream, RegimeDetector
+from hmm_regime_detector import EMISSION_TEMPERATURE, FeatureStream, RegimeDetector, UnseparatedStates
 from regime_policy import NO_SIGNAL, RegimeSignal
 from training_depth import QualityTier, TrainingDepth, decay_copies, quality_tier, retrain_reason, training_depth
 
 log = logging.getLogger(__name__)
 
 RETRY_AFTER_FAILURE_SEC = 600.0
+"""Wait after a failed fit; it doubles with each further failure in a row, up to the retrain interval."""
+RETRY_AFTER_REJECTION_SEC = 3600.0
+"""The same, when the fit was rejected because its states did not separate on the EMA spread: refitted
+ten minutes later on 99.75 % of the same candles, it would not separate either."""
+
+# How many consecutive rows each model counts as one observation (RegimeDetector.emission_temperature).
+EMISSION_TEMPERATURES = {"primary": EMISSION_TEMPERATURE, "secondary": 1.0}
+
+
+def detector_options(role: str) -> dict:
+    """The detector arguments that differ between the primary (1m) and the secondary (15m) model."""
+    return {"emission_temperature": EMISSION_TEMPERATURES[role]}
 
 
 @dataclass(frozen=True)
@@ -66,6 +78,8 @@ class ModelSlot:
         self.signal: RegimeSignal = NO_SIGNAL
         self.last_error: str | None = None
         self._last_failure_at: float | None = None
+        self._failures_in_a_row = 0
+        self._first_wait_sec = RETRY_AFTER_FAILURE_SEC
         self._packed: tuple[RegimeDetector, dict] | None = None
         self._tier_of: RegimeDetector | None = None
         self._tier: QualityTier | None = None
@@ -101,8 +115,14 @@ class ModelSlot:
     def window_size(self) -> int:
         return self.detector.window_size
 
+    @property
+    def retry_after_sec(self) -> float:
+        """How long after the last failed fit the next attempt waits (exponential back-off)."""
+        doublings = max(0, self._failures_in_a_row - 1)
+        return min(self._first_wait_sec * 2.0**doublings, max(self._first_wait_sec, self.spec.retrain_interval_sec))
+
     def retrain_reason(self, available: int, now: float) -> str | None:
-        if self._last_failure_at is not None and now - self._last_failure_at < RETRY_AFTER_FAILURE_SEC:
+        if self._last_failure_at is not None and now - self._last_failure_at < self.retry_after_sec:
             return None
         return retrain_reason(
             trained_candles=self.trained_candles if self.trained else None,
@@ -131,6 +151,10 @@ class ModelSlot:
         except (BadData, ValueError, np.linalg.LinAlgError) as exc:
             self.last_error = f"training failed: {exc}"
             self._last_failure_at = now
+            if self._failures_in_a_row == 0:
+                rejected = isinstance(exc, UnseparatedStates)
+                self._first_wait_sec = RETRY_AFTER_REJECTION_SEC if rejected else RETRY_AFTER_FAILURE_SEC
+            self._failures_in_a_row += 1
             log.error("%s model: %s (keeping the previous model)", spec.name, self.last_error)
             effective = int(copies.sum()) if copies is not None else len(rows)
             return record(
@@ -138,7 +162,7 @@ class ModelSlot:
                 ok=False, error=str(exc),
             )  # fmt: skip
         self.detector, self.trained_at = detector, now
-        self.last_error, self._last_failure_at = None, None
+        self.last_error, self._last_failure_at, self._failures_in_a_row = None, None, 0
         done = record(
             raw_samples=detector.n_samples_, effective_samples=detector.n_effective_samples_,
             duration_sec=time.perf_counter() - started, ok=True,
@@ -221,6 +245,7 @@ def model_slots(s: Settings) -> tuple[ModelSlot, ModelSlot | None]:
                 n_iter=s.HMM_N_ITER,
                 n_init=s.HMM_N_INIT,
                 random_state=s.HMM_RANDOM_STATE,
+                **detector_options(name),
             ),
         )
 

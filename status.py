@@ -49,6 +49,7 @@ def model_block(
 
 def consensus_block(policy: PolicySignal, weights: tuple[float, float]) -> dict[str, Any]:
     return {
+        "rule": policy.rule,
         "active": policy.source == "consensus",
         "agreement": policy.agreement,
         "regime": policy.regime,
@@ -67,6 +68,7 @@ def policy_block(policy: PolicySignal, modifier: float) -> dict[str, Any]:
         "bias_signal": _r(policy.bias_signal),
         "source": policy.source,
         "agreement": policy.agreement,
+        "rule": policy.rule,
     }
 
 

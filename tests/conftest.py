@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from bot_process import BotProcess
 from fake_llm import FakeLLM
+from threadpoolctl import threadpool_limits
 
 from ai_advisor import Panel
 from bot import Bot
@@ -18,6 +19,10 @@ from clock import SimClock
 from config import Settings, load_settings
 from market_sim import SimulatedMarket
 from store import SQLiteStore
+
+# One BLAS thread, as the bot runs (app.py): the models' small matrix products are slower on several
+# threads, and far slower on a busy machine. After the imports, so every loaded BLAS is limited.
+threadpool_limits(1)
 
 # The dashboard browser tests' fixtures (one Chromium per module, test sites, a real status).
 pytest_plugins = ["dashboard_page"]

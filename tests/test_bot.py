@@ -7,6 +7,7 @@ from conftest import make_sim_bot, run_ticks
 
 from direction_skill import DirectionSkill
 from errors import BadData, RetryLater
+from hmm_regime_detector import RegimeDetector
 from regime_policy import BULLISH, RANGING, RegimeSignal
 
 
@@ -47,11 +48,13 @@ def fixed_signal(bot, signal):
     bot.primary.detector.infer_rows = lambda rows: signal
 
 
-def test_modifier_changes_the_tier_while_raw_confidence_is_reported_unchanged(tmp_path):
+def test_modifier_changes_the_tier_while_raw_confidence_is_reported_unchanged(tmp_path, monkeypatch):
     bot = make_sim_bot(tmp_path / "m.sqlite3", HMM_SECONDARY_ENABLED=False, REGIME_MIN_DWELL_SEC=0)
+    # The fixed signal from the first evaluation on, so the model's own first signal moves no tier.
+    signal = RegimeSignal(BULLISH, 0.55, 0.6, (0.05, 0.35, 0.60))
+    monkeypatch.setattr(RegimeDetector, "infer_rows", lambda self, rows: signal)
     bot.tick()
     assert bot.primary.confidence_modifier == 0.70  # shallow
-    fixed_signal(bot, RegimeSignal(BULLISH, 0.55, 0.6, (0.05, 0.35, 0.60)))
     run_ticks(bot, 8, 15)
     st = bot.status()
     assert st["hmm"]["primary"]["confidence"] == 0.55  # raw, unchanged
@@ -67,11 +70,23 @@ def test_modifier_changes_the_tier_while_raw_confidence_is_reported_unchanged(tm
 
 
 def test_consensus_modifier_is_the_smaller_of_the_two(tmp_path):
-    bot = make_sim_bot(tmp_path / "c.sqlite3")
+    bot = make_sim_bot(tmp_path / "c.sqlite3", CONSENSUS_RULE="table")
     bot.tick()
     st = bot.status()
     assert st["hmm"]["policy"]["source"] == "consensus"
+    assert st["hmm"]["consensus"]["rule"] == st["hmm"]["policy"]["rule"] == "table"
     assert st["hmm"]["policy"]["confidence_modifier"] == min(0.70, 0.85)
+    bot.store.close()
+
+
+def test_default_rule_gates_on_the_primary_alone_and_says_so(tmp_path):
+    bot = make_sim_bot(tmp_path / "p.sqlite3")
+    bot.tick()
+    st = bot.status()
+    assert st["hmm"]["secondary"]["trained"]  # trained and shown, but not gating
+    assert st["hmm"]["consensus"]["rule"] == "primary" and not st["hmm"]["consensus"]["active"]
+    assert st["hmm"]["policy"]["source"] == "primary"
+    assert st["hmm"]["policy"]["confidence_modifier"] == bot.primary.confidence_modifier
     bot.store.close()
 
 

@@ -505,7 +505,9 @@ def test_a_bot_trades_and_trains_through_an_outage_and_restarts_from_the_mirror(
         assert retrained["candles"] == 719 + 719
         assert status["grid"]["open_orders"], "the grid kept its orders"
         _, saved_at = first.mirror.load_state_entry(bot.snapshot_key)
-        assert saved_at >= retrained["time"]  # snapshots go on during the outage, into the mirror
+        # Snapshots go on, into the mirror: the one written for the retrain (later ones only come with
+        # another change or after a minute, so whether there is one depends on the detector's tiers).
+        assert saved_at >= retrained["time"]
 
         fake.start()  # the outage ends: everything pending lands, once
         assert first.flush()

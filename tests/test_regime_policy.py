@@ -32,7 +32,27 @@ def sig(regime: str, conf: float, bias: float) -> RegimeSignal:
 
 
 def consensus(primary, secondary):
-    return policy_signal(primary, secondary, weight_1m=0.3, weight_15m=0.7, tier1_confidence=0.20)
+    return policy_signal(primary, secondary, weight_1m=0.3, weight_15m=0.7, tier1_confidence=0.20, rule="table")
+
+
+# consensus rules -------------------------------------------------------------
+
+
+def test_primary_rule_is_the_1m_model_alone_even_with_a_trained_secondary():
+    bull, bear = sig(BULLISH, 0.6, 0.7), sig(BEARISH, 0.9, -0.9)
+    p = policy_signal(bull, bear, weight_1m=0.3, weight_15m=0.7, tier1_confidence=0.20)  # the default rule
+    assert (p.rule, p.source, p.agreement, p.regime, p.confidence, p.bias_signal) == (
+        "primary", "primary", None, BULLISH, 0.6, 0.7,
+    )  # fmt: skip
+    ranging = policy_signal(sig(RANGING, 0.8, 0.0), bull, weight_1m=0.3, weight_15m=0.7, tier1_confidence=0.2)
+    assert (ranging.regime, ranging.confidence, ranging.bias_signal) == (RANGING, 0.8, 0.0)  # no 15m direction
+
+
+def test_table_rule_is_named_and_an_unknown_rule_is_refused():
+    assert consensus(sig(BULLISH, 0.4, 0.5), sig(BULLISH, 0.7, 0.9)).rule == "table"
+    assert consensus(sig(BULLISH, 0.4, 0.5), None).rule == "table"  # passing through, still under the table
+    with pytest.raises(ValueError, match="unknown consensus rule"):
+        policy_signal(NO_SIGNAL, None, weight_1m=0.3, weight_15m=0.7, tier1_confidence=0.2, rule="vote")
 
 
 # consensus table ------------------------------------------------------------
@@ -53,8 +73,9 @@ def test_same_regime_is_full_agreement():
 
 def test_full_agreement_weights_are_normalised():
     p = policy_signal(
-        sig(BEARISH, 0.4, -0.2), sig(BEARISH, 0.5, -0.8), weight_1m=1.0, weight_15m=3.0, tier1_confidence=0.2
-    )
+        sig(BEARISH, 0.4, -0.2), sig(BEARISH, 0.5, -0.8), weight_1m=1.0, weight_15m=3.0, tier1_confidence=0.2,
+        rule="table",
+    )  # fmt: skip
     assert p.bias_signal == pytest.approx((1.0 * -0.2 + 3.0 * -0.8) / 4.0)
 
 
