@@ -45,6 +45,7 @@ from regime_policy import (
     TierDecision,
     TierSettings,
     TierState,
+    entry_size,
     next_tier,
     policy_signal,
 )
@@ -309,6 +310,12 @@ class Bot:
         """How far directional postures may act (1 when the skill gate is off)."""
         return earned(self.skill, self.skill_settings) if self.settings.REGIME_SKILL_GATE else 1.0
 
+    def entry_size(self) -> float:
+        """The regime's non-directional response: a smaller grid while larger moves are likely (1 in shadow mode)."""
+        if not (self.settings.REGIME_DIRECTIONAL_ENABLED and self.primary.trained):
+            return 1.0
+        return entry_size(self.primary.signal.probabilities, share=self.settings.REGIME_MOVE_SIZE_SHARE)
+
     def _update_tier(self, now: float) -> None:
         modifier = self.confidence_modifier()
         effective = self.policy.confidence * modifier
@@ -388,7 +395,8 @@ class Bot:
         strength = abs(self.policy.bias_signal) * self.direction_skill()
         if effective.tier >= 1:  # an override may disagree with a weak bias; skew at least as for tier 1
             strength = max(strength, self.settings.REGIME_TIER1_BIAS_FLOOR)
-        posture = Posture(effective.tier, effective.direction, min(1.0, strength), effective.since, source)
+        size = self.entry_size()
+        posture = Posture(effective.tier, effective.direction, min(1.0, strength), effective.since, source, size)
         self.grid.step(now, candles, price, self.policy.regime, posture)
         if self.grid.changed:
             self.grid.changed, self._dirty = False, True
@@ -597,6 +605,7 @@ class Bot:
                 capacity_band=self.capacity_band,
                 transitions=self.transitions,
                 skill={**skill_status(self.skill, self.skill_settings), "gate": s.REGIME_SKILL_GATE},
+                entry_size=self.entry_size(),
             ),
             "regime_history_30m": self.history.to_list(),
             "price_history": list(self.price_history),

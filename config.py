@@ -119,6 +119,13 @@ class Settings:
     REGIME_TIER2_BIAS_FLOOR: float = _setting(0.25, "Smallest |bias| for tier 2", lo=0, hi=1)
     REGIME_HYSTERESIS: float = _setting(0.05, "Downgrade only this far below a tier's threshold", lo=0, hi=0.5)
     REGIME_MIN_DWELL_SEC: float = _setting(300.0, "No tier change sooner than this after the last", lo=0, hi=86400)
+    REGIME_MOVE_SIZE_SHARE: float = _setting(
+        0.5,
+        "Entry size (share of GRID_ORDER_USD) while the primary model finds a directional regime at least as likely "
+        "as ranging (1: no response)",
+        lo=0.05,
+        hi=1,
+    )
     REGIME_SKILL_GATE: bool = _setting(
         True, "Directional tiers act only as far as the signal's direction calls have earned (false: confidence alone)"
     )

@@ -27,7 +27,7 @@ from typing import Any
 class SkillSettings:
     horizon_sec: float = 3600.0
     halflife_calls: float = 168.0  # a week of hourly calls
-    z: float = 1.0
+    z: float = 2.0  # two standard errors: a record that a coin would match 1 time in 40 earns nothing
     tier2_hit_rate: float = 0.7
 
 

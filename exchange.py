@@ -52,6 +52,11 @@ class PairRules:
         scale = 10**self.lot_decimals
         return round(math.floor(volume * scale + 1e-9) / scale, self.lot_decimals)
 
+    def round_volume_up(self, volume: float) -> float:
+        """``volume`` on the lot step, rounded up (the smallest lot at least ``volume``)."""
+        scale = 10**self.lot_decimals
+        return round(math.ceil(volume * scale - 1e-9) / scale, self.lot_decimals)
+
     def size_problem(self, price: float, volume: float) -> str | None:
         if volume < self.ordermin:
             return f"volume {volume:g} is below the minimum of {self.ordermin:g} {self.base_asset}"

@@ -24,10 +24,13 @@ cancelled by the regime. When the tier drops, the suppressed legs enter again.
 
 Distances scale with recent volatility: every entry, step and exit distance
 is multiplied by ``max(1, vol / vol_ref_pct)`` (the hourly volatility the
-runner measures, against the volatility the base distances are set for), and
-by the posture's ``spacing`` (a regime may widen the grid when it expects
-larger moves). Exits never come closer than the base ``exit_pct``, which
-config validation keeps above both fees.
+runner measures, against the volatility the base distances are set for).
+Exits never come closer than the base ``exit_pct``, which config validation
+keeps above both fees.
+
+The posture's ``size`` scales new entries (a regime that expects larger moves
+trades smaller on both sides); resting entries are re-placed at the new size
+when it changes.
 
 The grid bounds its risk by inventory. A leg holds its exit until it fills:
 a stranded exit never frees its leg to buy again lower (averaging down, and
@@ -95,7 +98,7 @@ class Posture:
     strength: float = 0.0  # |bias| behind the skew, 0..1
     since: float = 0.0
     source: str = "mechanical"
-    spacing: float = 1.0  # multiplier of every distance (a regime expecting larger moves widens the grid)
+    size: float = 1.0  # share of ``order_quote`` each new entry trades (a regime expecting larger moves trades less)
 
     @property
     def favoured_leg(self) -> str | None:
@@ -249,15 +252,15 @@ def initial_state(config: GridConfig, balances: Balances, now: float) -> GridSta
 # planning (pure helpers, also used by the status) -----------------------------------
 
 
-def spacing_scale(config: GridConfig, vol_pct: float | None, posture: Posture) -> float:
-    """The multiplier of every distance: volatility above ``vol_ref_pct`` widens the grid, as does the posture."""
-    scale = 1.0
+def vol_scale(config: GridConfig, vol_pct: float | None) -> float:
+    """The multiplier of every distance from volatility: ``vol / vol_ref_pct`` above the reference, else 1."""
     if config.vol_ref_pct > 0 and vol_pct is not None and math.isfinite(vol_pct):
-        scale = max(1.0, vol_pct / config.vol_ref_pct)
-    return scale * max(1.0, posture.spacing)
+        return max(1.0, vol_pct / config.vol_ref_pct)
+    return 1.0
 
 
 def entry_distance_pct(config: GridConfig, posture: Posture, slot: int, leg: str, scale: float = 1.0) -> float:
+    """Percent from the market of an entry: the slot's distance times ``scale`` (volatility), then tier 1's skew."""
     base = (config.entry_pct + slot * config.slot_step_pct) * scale
     fav = posture.favoured_leg
     if fav is None:
@@ -292,6 +295,21 @@ def _passive(config: GridConfig, side: str, target: float, price: float | None) 
     if side == SELL:
         return max(target, rules.round_price(price + tick, SELL))
     return min(target, rules.round_price(price - tick, BUY))
+
+
+def entry_volume(config: GridConfig, posture: Posture, price: float) -> float:
+    """The base volume of an entry at ``price``: ``order_quote`` times the posture's size, on the lot step.
+
+    A smaller size never goes below the pair's minimum order (nor above the full size): the grid then
+    trades as small as the exchange allows.
+    """
+    rules = config.rules
+    full = rules.round_volume(config.order_quote / price)
+    share = min(1.0, max(0.0, posture.size))
+    if share >= 1.0:
+        return full
+    smallest = rules.round_volume_up(max(rules.ordermin, rules.costmin / price))
+    return min(full, max(rules.round_volume(config.order_quote * share / price), smallest))
 
 
 def suppressed(posture: Posture, leg: str) -> bool:
@@ -447,13 +465,13 @@ def _on_tick(d: _Draft, ev: Tick, config: GridConfig) -> None:
     now = ev.now
     hour_ago = now - HOUR
     old, posture = d.base.posture, ev.posture
-    # The posture's age counts from the last change of tier, direction or spacing, whatever the caller says.
-    changed = (old.tier, old.direction, old.spacing) != (posture.tier, posture.direction, posture.spacing)
+    # The posture's age counts from the last change of tier, direction or size, whatever the caller says.
+    changed = (old.tier, old.direction, old.size) != (posture.tier, posture.direction, posture.size)
     posture = replace(posture, since=now if changed else old.since)
     ev = replace(ev, posture=posture)
     d.set(price=ev.price, regime=ev.regime, posture=posture, balances=ev.balances, vol_pct=ev.vol_pct)
     d.set(fill_times=tuple(t for t in d.base.fill_times if t > hour_ago))
-    scale = spacing_scale(config, ev.vol_pct, posture)
+    scale = vol_scale(config, ev.vol_pct)
     _mark_recovery(d, now, config)
     _refresh_entries(d, ev, scale, config)
     _replace_pending_exits(d, ev.price, scale, config)
@@ -472,7 +490,8 @@ def _refresh_entries(d: _Draft, ev: Tick, scale: float, config: GridConfig) -> N
 
     An entry is stale when the market moved its target more than
     ``refresh_pct`` away, or when it was placed under an earlier posture and
-    the new posture prices it differently (a tier 1 skew applies at once).
+    the new posture prices or sizes it differently (a tier 1 skew or a new
+    size applies at once).
     """
     posture = ev.posture
     past_grace = ev.now - posture.since >= config.grace_sec
@@ -486,8 +505,8 @@ def _refresh_entries(d: _Draft, ev: Tick, scale: float, config: GridConfig) -> N
         target = entry_price(config, posture, o.slot, o.leg, ev.price, scale)
         if abs(o.price - target) / ev.price * 100.0 > config.refresh_pct:
             _cancel(d, o, "stale entry refreshed")
-        elif o.placed_at < posture.since and o.price != target:
-            _cancel(d, o, f"repriced for tier {posture.tier} {posture.direction}")
+        elif o.placed_at < posture.since and (o.price != target or o.volume != entry_volume(config, posture, o.price)):
+            _cancel(d, o, f"replaced for tier {posture.tier} {posture.direction}, size {posture.size:g}")
 
 
 def _cancel(d: _Draft, o: Order, reason: str) -> None:
@@ -519,7 +538,7 @@ def _place_entries(d: _Draft, ev: Tick, scale: float, config: GridConfig) -> Non
             continue
         side = ENTRY_SIDE[leg]
         price = entry_price(config, posture, slot, leg, ev.price, scale)
-        volume = config.rules.round_volume(config.order_quote / price)
+        volume = entry_volume(config, posture, price)
         problem = _entry_problem(d, config, side, price, volume)
         if problem:
             kind, message = problem
@@ -606,7 +625,7 @@ def _on_fill(d: _Draft, fill: Fill, price: float, config: GridConfig) -> None:
     if o.role == ENTRY:
         exit_side = BUY if o.side == SELL else SELL
         oid = f"{config.id_prefix}{d.new_id()}-{key}"
-        scale = spacing_scale(config, d.get("vol_pct"), d.get("posture"))
+        scale = vol_scale(config, d.get("vol_pct"))
         exit_order = Order(
             oid, o.slot, o.leg, EXIT, exit_side, exit_price(config, exit_side, fill.price, price, scale),
             volume, fill.ts, o.regime_at_entry, o.tier_at_entry, open=False,

@@ -50,8 +50,8 @@ from grid_engine import (
     mark_to_market,
     reduce,
     reserved,
-    spacing_scale,
     to_dict,
+    vol_scale,
 )
 from grid_signals import (
     TrendState,
@@ -362,7 +362,7 @@ class GridRunner:
                 "direction": p.direction,
                 "source": p.source,
                 "strength": round(p.strength, 4),
-                "spacing": p.spacing,
+                "size": p.size,
                 "since": p.since,
                 "suppressed_side": {"A": "sell", "B": "buy"}.get(p.against_leg or "") if p.tier >= 2 else None,
             },
@@ -388,12 +388,11 @@ class GridRunner:
             "distances": {
                 "vol_pct": None if self.vol_pct is None else round(self.vol_pct, 4),
                 "vol_ref_pct": cfg.vol_ref_pct,
-                "scale": round(spacing_scale(cfg, self.vol_pct, p), 4),
+                "scale": round(vol_scale(cfg, self.vol_pct), 4),
                 "entry_pct": [
-                    round(entry_distance_pct(cfg, p, k, "B", spacing_scale(cfg, self.vol_pct, p)), 4)
-                    for k in range(cfg.slots)
+                    round(entry_distance_pct(cfg, p, k, "B", vol_scale(cfg, self.vol_pct)), 4) for k in range(cfg.slots)
                 ],
-                "exit_pct": round(cfg.exit_pct * spacing_scale(cfg, self.vol_pct, p), 4),
+                "exit_pct": round(cfg.exit_pct * vol_scale(cfg, self.vol_pct), 4),
             },
             "exposure": {"quote": exposure_quote(st.orders), "cap_quote": cfg.max_exposure_quote},
             "signals": {

@@ -101,6 +101,7 @@ def regime_tier_block(
     capacity_band: str,
     transitions: Iterable[Mapping[str, Any]],
     skill: Mapping[str, Any] | None = None,
+    entry_size: float = 1.0,
 ) -> dict[str, Any]:
     shadow = not directional_enabled
     mech = (
@@ -122,6 +123,7 @@ def regime_tier_block(
         **effective_tier_block(TierState(mech["tier"], mech["direction"], mech["since"]), "mechanical"),
         "capacity_band": capacity_band,
         "direction_skill": dict(skill) if skill is not None else None,
+        "entry_size": entry_size,
         "recent_transitions": list(transitions),
     }
 

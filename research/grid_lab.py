@@ -2,12 +2,14 @@
 
     python research/grid_lab.py                          # the six shared files, default grid
     python research/grid_lab.py --set max_open_orders=60 --set exit_pct=1.5
+    python research/grid_lab.py --response size:1:0.5:0.5  # needs research/signal_cache.py first
     python research/grid_lab.py FILE.csv ... --jobs 2
 
 No models, no store, no bot: a paper :class:`grid_runner.GridRunner` is stepped
 once per candle exactly as the bot's replay steps it (the closed candles so far,
-the next candle's open as the price), under a symmetric posture unless a posture
-source is given. Prints the SPEC section 15 grid figures per file and in total.
+the next candle's open as the price), under a symmetric posture unless a
+response (``--response``, see :func:`postures`) reads the cached regime
+signals. Prints the SPEC section 15 grid figures per file and in total.
 """
 
 from __future__ import annotations
@@ -42,9 +44,14 @@ DIRECTION_NAMES = {0: "symmetric", 1: "long_bias", -1: "short_bias"}
 def postures(response: str, sig: dict, t0: float) -> list[Posture]:
     """One posture per cycle from the cached regime signals.
 
-    ``symmetric``: none. ``mechanical``: the bot's mechanical tier and direction.
-    ``widen:M:P:W``: spacing ``W`` while model ``M`` (1 or 15) puts probability ``P`` or more on a
-    directional regime (bearish + bullish).
+    - ``symmetric``: none (the baseline grid).
+    - ``mechanical``: the cached mechanical tier and direction, skewed by |bias|.
+    - ``size:M:P:S``: entry size ``S`` while model ``M`` (1 or 15) puts probability ``P`` or more on a
+      directional regime (bearish + bullish): the bot's response is ``size:1:0.5:0.5``.
+    Controls for it: ``placebo:M:P:S:D`` (the same flags shifted by ``D`` days, circularly: same
+    coverage and persistence, no alignment with the market), ``volsize:Q:S`` (size ``S`` while the
+    trailing volatility is above its running ``Q`` quantile), ``const:S`` (always ``S``),
+    ``rand:P:S:SEED`` (random hours with probability ``P``).
     """
     n = len(sig["t"])
     kind, *params = response.split(":")
@@ -55,14 +62,52 @@ def postures(response: str, sig: dict, t0: float) -> list[Posture]:
             Posture(int(sig["tier"][i]), DIRECTION_NAMES[int(sig["direction"][i])], min(1.0, abs(sig["bias"][i])), t0)
             for i in range(n)
         ]
-    if kind == "widen":
-        model, level, width = params
+    if kind == "size":
+        model, level, size = params
         p = sig["p1" if model == "1" else "p15"]
         directional = np.nan_to_num(p[:, 0] + p[:, 2], nan=0.0) >= float(level)
-        wide = Posture(since=t0, spacing=float(width))
-        flat = Posture(since=t0)
-        return [wide if directional[i] else flat for i in range(n)]
+        small, flat = Posture(since=t0, size=float(size)), Posture(since=t0)
+        return [small if directional[i] else flat for i in range(n)]
+    if kind == "volsize":
+        q, size = float(params[0]), float(params[1])
+        hot = trailing_vol_above_quantile(sig["price"], q)
+        small, flat = Posture(since=t0, size=size), Posture(since=t0)
+        return [small if hot[i] else flat for i in range(n)]
+    if kind == "placebo":
+        # Control: the model's own flags, shifted in time by K days (circularly): the same coverage and
+        # persistence, no alignment with the market.
+        model, level, size, days = params
+        p = sig["p1" if model == "1" else "p15"]
+        directional = np.roll(np.nan_to_num(p[:, 0] + p[:, 2], nan=0.0) >= float(level), int(float(days) * 1440))
+        small, flat = Posture(since=t0, size=float(size)), Posture(since=t0)
+        return [small if directional[i] else flat for i in range(n)]
+    if kind == "const":
+        return [Posture(since=t0, size=float(params[0]))] * n
+    if kind == "rand":
+        # Control: the same size cut on random hours (seeded), flagged with probability P.
+        share, size = float(params[0]), float(params[1])
+        rng = np.random.default_rng(int(params[2]) if len(params) > 2 else 0)
+        hours = rng.random(n // 60 + 1) < share
+        small, flat = Posture(since=t0, size=size), Posture(since=t0)
+        return [small if hours[i // 60] else flat for i in range(n)]
     raise ValueError(f"unknown response {response!r}")
+
+
+def trailing_vol_above_quantile(price: np.ndarray, q: float, halflife: float = 60.0) -> np.ndarray:
+    """Per cycle: is the EWMA of absolute 1m log returns above the q-quantile of its values so far (causal)?"""
+    r = np.abs(np.diff(np.log(price), prepend=np.log(price[0])))
+    a = 1.0 - 0.5 ** (1.0 / halflife)
+    vol = np.empty_like(r)
+    m = r[0]
+    for i, x in enumerate(r):
+        m += a * (x - m)
+        vol[i] = m
+    out = np.zeros(len(vol), dtype=bool)
+    step = 60  # refresh the running quantile hourly
+    for start in range(1440, len(vol), step):
+        level = np.quantile(vol[:start], q)
+        out[start : start + step] = vol[start : start + step] >= level
+    return out
 
 
 def run_file(path: str, overrides: dict, response: str = "symmetric") -> dict:

@@ -367,3 +367,26 @@ def test_directional_tiers_wait_for_the_direction_calls_to_earn_them(tmp_path):
     assert again.skill.hits == pytest.approx(bot.skill.hits) and again.skill.scored == bot.skill.scored
     bot.store.close()
     again.store.close()
+
+
+def test_the_grid_trades_smaller_while_the_primary_model_expects_larger_moves(tmp_path):
+    bot = make_sim_bot(tmp_path / "size.sqlite3", HMM_SECONDARY_ENABLED=False)
+    bot.tick()
+    fixed_signal(bot, RegimeSignal(RANGING, 0.3, 0.0, (0.1, 0.7, 0.2)))
+    run_ticks(bot, 8, 15)
+    st = bot.status()
+    assert st["regime_tier"]["entry_size"] == 1.0 and st["grid"]["posture"]["size"] == 1.0
+    fixed_signal(bot, RegimeSignal(RANGING, 0.05, 0.0, (0.3, 0.45, 0.25)))  # ranging on top, yet 0.55 directional
+    run_ticks(bot, 8, 15)
+    st = bot.status()
+    assert st["regime_tier"]["entry_size"] == 0.5 and st["grid"]["posture"]["size"] == 0.5
+    entries = [o for o in st["grid"]["open_orders"] if o["role"] == "entry"]
+    assert entries and all(o["volume"] * o["price"] == pytest.approx(10.0, rel=0.01) for o in entries)
+    bot.store.close()
+
+    shadow = make_sim_bot(tmp_path / "shadow.sqlite3", HMM_SECONDARY_ENABLED=False, REGIME_DIRECTIONAL_ENABLED=False)
+    shadow.tick()
+    fixed_signal(shadow, RegimeSignal(RANGING, 0.05, 0.0, (0.3, 0.45, 0.25)))
+    run_ticks(shadow, 8, 15)
+    assert shadow.status()["regime_tier"]["entry_size"] == 1.0  # shadow mode: the regime does not act
+    shadow.store.close()

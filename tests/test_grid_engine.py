@@ -44,8 +44,8 @@ from grid_engine import (
     reduce,
     reserved,
     side_cost,
-    spacing_scale,
     to_dict,
+    vol_scale,
 )
 from grid_runner import GridRunner
 from paper_exchange import PaperExchange
@@ -673,14 +673,26 @@ def test_volatility_above_the_reference_widens_entries_and_exits():
     assert places(actions)["0B"].price == pytest.approx(0.98 * 1.04)  # the exit 2 x 2% above the fill
 
 
-def test_a_wider_posture_spacing_reprices_resting_entries_at_once():
+def test_a_smaller_posture_size_replaces_resting_entries_at_once_and_sizes_new_ones():
     state = started()
     old = {state.legs[k] for k in LEG_KEYS}
-    state, actions = step(state, T0 + 60, posture=Posture(spacing=1.5))
+    state, actions = step(state, T0 + 60, posture=Posture(size=0.5))
     assert set(cancelled(actions)) == old
-    assert {k: o.price for k, o in places(actions).items()} == {"0A": 1.015, "0B": 0.985, "1A": 1.03, "1B": 0.97}
-    _, actions = step(state, T0 + 120, posture=Posture(spacing=1.5))
+    placed = places(actions)
+    assert {k: o.price for k, o in placed.items()} == {"0A": 1.01, "0B": 0.99, "1A": 1.02, "1B": 0.98}
+    # 49.5 USD each, but never below the pair's minimum of 50 DOGE
+    assert (
+        placed["0B"].volume == 50.0
+        and placed["0A"].volume == 50.0
+        and placed["1B"].volume == pytest.approx(50.51020408)
+    )
+    _, actions = step(state, T0 + 120, posture=Posture(size=0.5))
     assert actions == []
+    # An exit keeps its entry's size; back at full size the entries are replaced again.
+    state, actions = fill(state, held_by(state, "0B"), T0 + 130)
+    assert places(actions)["0B"].volume == 50.0
+    state, actions = step(state, T0 + 180)
+    assert places(actions)["1B"].volume == pytest.approx(101.02040816)  # 99 USD at 0.98
 
 
 # what the exchange answers ------------------------------------------------------------
@@ -838,7 +850,7 @@ def random_posture(rng: np.random.Generator) -> Posture:
     tier = int(rng.integers(0, 3))
     direction = (LONG_BIAS, SHORT_BIAS)[int(rng.integers(0, 2))] if tier else "symmetric"
     strength = float(rng.uniform(0, 1)) if tier else 0.0
-    return Posture(tier=tier, direction=direction, strength=strength, spacing=float(rng.choice([1.0, 1.0, 2.0])))
+    return Posture(tier=tier, direction=direction, strength=strength, size=float(rng.choice([1.0, 1.0, 0.5])))
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
@@ -886,7 +898,7 @@ def test_a_random_walk_on_the_paper_exchange_keeps_the_books_straight(seed):
         for side in (BUY, SELL):
             assert side_cost(state.orders, side) <= config.max_inventory_quote + 1e-6
         capped_steps += "inventory_cap" in state.blocked.values()
-        scaled_steps += spacing_scale(config, state.vol_pct, state.posture) > 1.0
+        scaled_steps += vol_scale(config, state.vol_pct) > 1.0
         p = state.posture
         if p.tier == 2 and now - p.since >= config.grace_sec:
             suppressed_steps += 1
@@ -895,7 +907,7 @@ def test_a_random_walk_on_the_paper_exchange_keeps_the_books_straight(seed):
     state, end_price = runner.state, candles[-1].close
     assert len(cycles) == state.cycles > 5 and recovery_steps > 0 and suppressed_steps > 0
     assert capped_steps > 0 and scaled_steps > 0
-    # every cycle nets more than both fees, at any spacing
+    # every cycle nets more than both fees, at any size
     assert all(c.net_quote > 0 and c.gross_quote > c.fees_quote for c in cycles)
     assert state.realized_quote == pytest.approx(sum(c.net_quote for c in cycles), abs=1e-9)
     assert state.fees_quote == pytest.approx(sum(f["fee"] for f in fills), abs=1e-9)

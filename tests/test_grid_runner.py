@@ -197,7 +197,7 @@ GRID_KEYS = keys(
     "recent_fills recent_cycles notes"
 )
 NESTED_KEYS = {
-    "posture": keys("tier direction source strength spacing suppressed_side since"),
+    "posture": keys("tier direction source strength size suppressed_side since"),
     "balances": keys("quote base quote_reserved base_reserved quote_free base_free price equity_quote"),
     "pnl": keys("start_equity_quote net_quote realized_quote fees_quote cycles max_drawdown_pct"),
     "capacity": keys("open_orders max_open_orders headroom long_quote short_quote max_inventory_quote used band"),

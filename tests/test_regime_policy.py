@@ -12,6 +12,7 @@ from regime_policy import (
     RegimeSignal,
     TierSettings,
     TierState,
+    entry_size,
     next_tier,
     policy_signal,
 )
@@ -254,3 +255,13 @@ def step_skill(state, now, *, skill, eff, bias, regime):
         state, effective_confidence=eff, bias_signal=bias, regime=regime, capacity_band="normal",
         settings=SETTINGS, now=now, skill=skill,
     )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("probabilities", "size"),
+    [(None, 1.0), ((0.1, 0.8, 0.1), 1.0), ((0.2, 0.51, 0.29), 1.0), ((0.25, 0.5, 0.25), 0.5), ((0.7, 0.2, 0.1), 0.5),
+     ((0.0, 0.3, 0.7), 0.5)],
+)  # fmt: skip
+def test_the_grid_trades_smaller_while_a_directional_regime_is_at_least_as_likely(probabilities, size):
+    assert entry_size(probabilities, share=0.5) == size
+    assert entry_size(probabilities, share=1.0) == 1.0
