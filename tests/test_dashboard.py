@@ -130,6 +130,27 @@ def test_mechanical_tier_direction_and_time_since_change(driver, site, base_stat
     assert "tier 1 → 2" in transitions and "upgrade to tier 2 long_bias" in transitions
 
 
+def test_entry_size_and_direction_skill(driver, site, base_status):
+    status = rich_status(base_status)
+    tiers = status["regime_tier"]
+    tiers["entry_size"] = 0.5
+    tiers["direction_skill"] = {
+        "gate": True, "horizon_sec": 3600.0, "scored": 120, "weight": 101.3, "hit_rate": 0.5333,
+        "lower_bound": 0.4361, "tier2_hit_rate": 0.7, "earned": 0.0, "pending_since": None,
+    }  # fmt: skip
+    open_page(driver, site, status)
+    assert text_of(driver, "entry-size") == "50 % (larger moves likely: the grid trades smaller)"
+    assert text_of(driver, "direction-skill") == "right 53.3 % of 120 calls (at least 43.6 %): earned 0 %"
+    tiers["entry_size"] = 1.0
+    tiers["direction_skill"] = {**tiers["direction_skill"], "scored": 0, "hit_rate": None, "lower_bound": None}
+    open_page(driver, site, status)
+    assert text_of(driver, "entry-size") == "100 %"
+    assert text_of(driver, "direction-skill") == "no direction call scored yet: directional tiers wait"
+    tiers["direction_skill"]["gate"] = False
+    open_page(driver, site, status)
+    assert text_of(driver, "direction-skill") == "gate off: tiers act on confidence alone"
+
+
 def test_shadow_mode_shows_what_the_tier_would_be(driver, site, base_status):
     open_page(driver, site, shadow_status(base_status))
     assert text_of(driver, "mech-tier") == "Tier 0"
