@@ -1,8 +1,8 @@
 """(c) Consensus rules on the simulator: direction precision of tier >= 1 and false alarms.
 
-    /work/main/.venv/bin/python research/consensus_sim.py                  # seeds 1-10, detectors before and after
-    /work/main/.venv/bin/python research/consensus_sim.py --seeds 1-3 --detectors after
-    /work/main/.venv/bin/python research/consensus_sim.py --cold-start      # from an empty store instead
+    python research/consensus_sim.py                  # seeds 1-10, detectors before and after
+    python research/consensus_sim.py --seeds 1-3 --detectors after
+    python research/consensus_sim.py --cold-start      # from an empty store instead
 
 Per seed, both models trained at full depth as the bot trains them (the 1m on
 the newest 4000 1m candles, the 15m on 1440 15m candles, both ending at the

@@ -1,7 +1,7 @@
 """(a) Detector quality on the simulator, per seed and model, for each candidate method.
 
-    /work/main/.venv/bin/python research/detector_calibration.py                       # all variants, seeds 1-10
-    /work/main/.venv/bin/python research/detector_calibration.py --variants before,after --seeds 1-3
+    python research/detector_calibration.py                       # all variants, seeds 1-10
+    python research/detector_calibration.py --variants before,after --seeds 1-3
 
 Train on the first 4000 candles of a seeded simulator series, score the next
 4000 online exactly as the bot infers (the newest 100 feature rows for the

@@ -1,6 +1,6 @@
 """Label check: how separated fitted states are on the EMA spread, simulator vs real files.
 
-    /work/main/.venv/bin/python research/label_check.py
+    python research/label_check.py
 
 For every fit the bot would make (the simulator: seeds 1-10 at 500, 1000,
 2500 and 4000 candles; the real files: the newest 4000 1m / 1440 15m

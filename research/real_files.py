@@ -1,7 +1,7 @@
 """(b) What the regime signal knows on the six real files, and (c) the consensus rules there.
 
-    /work/main/.venv/bin/python research/real_files.py                     # six files, detectors before and after
-    /work/main/.venv/bin/python research/real_files.py --pairs DOGE --detectors after
+    python research/real_files.py                     # six files, detectors before and after
+    python research/real_files.py --pairs DOGE --detectors after
 
 Both models run over each file as the bot runs them in a replay
 (:func:`lab.rolling_model`: trained at 500 / 200 candles, again at every

@@ -1,8 +1,8 @@
 """(d) tier2_share_while_shallow on the six real files, as the bot runs a replay.
 
-    /work/main/.venv/bin/python research/tier2_shallow.py                    # detectors before and after
-    /work/main/.venv/bin/python research/tier2_shallow.py --detectors after --rules primary
-    /work/main/.venv/bin/python research/tier2_shallow.py --check-bot DOGE      # the replica against the bot
+    python research/tier2_shallow.py                    # detectors before and after
+    python research/tier2_shallow.py --detectors after --rules primary
+    python research/tier2_shallow.py --check-bot DOGE      # the replica against the bot
 
 A replay starts with an empty store. Both models are trained and infer on the
 bot's schedule (:func:`lab.rolling_model`: the primary at 500 1m candles,

@@ -1,6 +1,6 @@
 """Fit and inference time of today's detector and the new one, interleaved in one process.
 
-    /work/main/.venv/bin/python research/timing.py
+    python research/timing.py
 
 Fit: the benchmark's windows (five 4000-candle DOGE windows, three simulator
 seeds), n_init 4. Inference: one ``infer_rows`` call on a 100-row (1m) and a
