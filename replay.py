@@ -175,15 +175,19 @@ def direction_hit_rates(
     for key, in_tier in (("1", tiers == 1), ("2", tiers == 2), ("directional", (tiers == 1) | (tiers == 2))):
         called = scorable & in_tier & (signs != 0)
         scored = int(called.sum())
-        hits = int((called & (move == signs)).sum())
-        out[key] = {
-            "hit_rate": round(hits / scored, 4) if scored else None,
-            "hits": hits,
-            "scored": scored,
-            "scorable": n_scorable,
-            "coverage": round(scored / n_scorable, 4) if n_scorable else None,
-        }
+        out[key] = hit_rate_block(int((called & (move == signs)).sum()), scored, n_scorable)
     return out
+
+
+def hit_rate_block(hits: int, scored: int, scorable: int) -> dict[str, Any]:
+    """One tier's direction record: its hit rate over the scored cycles, and their share of the scorable ones."""
+    return {
+        "hit_rate": round(hits / scored, 4) if scored else None,
+        "hits": hits,
+        "scored": scored,
+        "scorable": scorable,
+        "coverage": round(scored / scorable, 4) if scorable else None,
+    }
 
 
 def strategies_report(

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from errors import ConfigError
+from replay import hit_rate_block
 
 log = logging.getLogger(__name__)
 
@@ -242,16 +243,11 @@ def _strategy_totals(name: str, rows: Sequence[Mapping[str, Any]]) -> dict[str, 
     rates = {}
     for key in HIT_KEYS:
         parts = [((s.get("direction_hit_rate") or {}).get(key) or {}) for s, _ in figures]
-        hits = sum(p.get("hits") or 0 for p in parts)
-        scored = sum(p.get("scored") or 0 for p in parts)
-        scorable = sum(p.get("scorable") or 0 for p in parts)
-        rates[key] = {
-            "hit_rate": round(hits / scored, 4) if scored else None,
-            "hits": hits,
-            "scored": scored,
-            "scorable": scorable,
-            "coverage": round(scored / scorable, 4) if scorable else None,
-        }
+        rates[key] = hit_rate_block(
+            sum(p.get("hits") or 0 for p in parts),
+            sum(p.get("scored") or 0 for p in parts),
+            sum(p.get("scorable") or 0 for p in parts),
+        )
     out["direction_hit_rate"] = rates
     return {k: out[k] for k in STRATEGY_FIELDS + REGIME_FIELDS}
 
