@@ -201,12 +201,17 @@ def test_a_fresh_paper_bot_reaches_full_depth_from_trades_in_seconds(tmp_path, b
 
     from candles import Candle
     from kraken_client import Trade
+    from market_sim import generate
     from trades_backfill import aggregate_trades
 
-    now = time.time()
-    rng, price, trades = random.Random(41), 0.1, []
+    # Prices from the regime-switching simulator, so that the model's states separate and no fit is
+    # rejected by the label check (a pure random walk has no regimes to find); minutes aligned, so that
+    # every run buckets the trades into the same candles.
+    now = time.time() // 60 * 60 + 30
+    rng, trades = random.Random(41), []
+    minutes, _ = generate(4300, seed=41)
     for k in range(4300 * 6):  # a trade every 10 s over the last 4300 minutes
-        price = round(price * (1 + rng.gauss(0.0, 0.001)), 7)
+        price = round(minutes[k // 6].close, 7)
         trades.append(Trade(now - 4300 * 60 + 10 * k + rng.random(), price, round(rng.uniform(1, 5000), 8)))
     closed = aggregate_trades(trades, 1, end=now).closed
     forming = Candle(int(now // 60 * 60), closed[-1].close, closed[-1].close, closed[-1].close, closed[-1].close, 0)
