@@ -214,6 +214,7 @@ def build_app(args: argparse.Namespace, settings: Settings, stop_event: threadin
         grid=grid,
         rules=rules,
         autosave=not replaying,
+        interval_sec=interval,
     )
     board = StatusBoard()
     router = ActionRouter()

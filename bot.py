@@ -34,6 +34,7 @@ from errors import ConfigError, RetryLater
 from exchange import PairRules
 from grid_engine import Posture
 from grid_runner import GridRunner, paper_grid
+from health import HealthFacts, verdict
 from http_api import StatusBoard
 from model_slot import ModelSlot, model_slots
 from regime_advisor import RegimeAdvisor
@@ -144,6 +145,7 @@ class Bot:
         baseline: bool = False,
         backfill: TradesBackfill | None = None,
         autosave: bool = True,
+        interval_sec: float | None = None,
     ) -> None:
         s = settings
         self.settings, self.mode, self.clock, self.market, self.store = s, mode, clock, market, store
@@ -184,7 +186,11 @@ class Bot:
         self.errors: deque[dict] = deque(maxlen=20)
         self.stats = RunStats()
         self.cycles = 0
-        self.last_cycle_at: float | None = None
+        self.interval_sec = interval_sec or s.LOOP_INTERVAL_SEC  # how often the runner calls tick
+        self.last_cycle_at: float | None = None  # the last cycle that completed
+        self.failing_cycles = 0  # cycles in a row that raised
+        self.last_failure: str | None = None
+        self._save_error: str | None = None  # why the last snapshot save failed, until one succeeds
         self.cycle_ms: deque[float] = deque(maxlen=500)  # wall time of recent cycles, for health
         self._last_account_at = now
         self._last_snapshot_at: float | None = None
@@ -233,6 +239,7 @@ class Bot:
         self._save_snapshot_if_due(now)
         self.cycles += 1
         self.last_cycle_at = now
+        self.failing_cycles = 0
         self.cycle_ms.append((time.perf_counter() - started) * 1000.0)
 
     def _account_time(self, now: float) -> None:
@@ -247,6 +254,10 @@ class Bot:
                     self.pipeline.recount(interval)
         before = self.pipeline.available(1)
         self.pipeline.sync_due_feeds(now)
+        for spec in self.pipeline.specs.values():  # a failed sync reaches the Errors card too
+            feed = self.pipeline.state[spec.interval_min]
+            if feed.last_error_at == now and feed.last_error:
+                self.record_error(f"{spec.label} candles", feed.last_error, now)
         if self.backfill is not None and self.cycles == 0:
             self.backfill.start()  # after the first sync: it fills what lies before Kraken's window
         self.stats.candles_processed += max(0, self.pipeline.available(1) - before)
@@ -456,7 +467,33 @@ class Bot:
         return [self.primary, self.secondary] if self.secondary else [self.primary]
 
     def record_error(self, source: str, message: str, now: float) -> None:
+        """Show a problem in the Errors card; the same problem again only updates its time and count."""
+        if self.errors and (last := self.errors[0])["source"] == source and last["message"] == message:
+            self.errors[0] = {**last, "ts": now, "count": last.get("count", 1) + 1}
+            return
         self.errors.appendleft({"ts": now, "source": source, "message": message})
+
+    def cycle_failed(self, exc: BaseException) -> None:
+        """A cycle raised: counted for health and shown in the Errors card."""
+        now = self.clock.now()
+        self.failing_cycles += 1
+        self.last_failure = f"{type(exc).__name__}: {exc}"
+        self.record_error("main loop", self.last_failure, now)
+
+    def health_facts(self) -> HealthFacts:
+        """What the health verdict is computed from (SPEC section 10); immutable, so other threads may keep it."""
+        s = self.settings
+        return HealthFacts(
+            started_at=self.started_at,
+            loop_limit_sec=3 * self.interval_sec,
+            failing_cycles=self.failing_cycles,
+            last_failure=self.last_failure,
+            feeds=self.pipeline.health_facts(),
+            # Saved at least every interval, checked every cycle: a longer gap means saving fails.
+            persist_limit_sec=s.STATE_SNAPSHOT_INTERVAL_SEC + 2 * self.interval_sec if self.autosave else None,
+            last_saved_at=self._last_snapshot_at,
+            save_error=self._save_error,
+        )
 
     # snapshot -------------------------------------------------------------------
 
@@ -494,11 +531,12 @@ class Bot:
             try:
                 self.store.save_state(self.snapshot_key, snap, now)
             except RetryLater as exc:  # keep going; the next cycle tries again
+                self._save_error = str(exc)
                 self.record_error("store", str(exc), now)
                 log.error("%s", exc)
                 return
             self._saved_snapshot = snap
-        self._last_snapshot_at, self._dirty = now, False
+        self._last_snapshot_at, self._dirty, self._save_error = now, False, None
 
     def _save_advisor_change(self, now: float) -> bool:
         """Persist an operator action at once (HTTP thread): the last snapshot with the new advisor state.
@@ -584,6 +622,7 @@ class Bot:
 
         pipeline = self.pipeline.health(now)
         age = None if self.last_cycle_at is None else now - self.last_cycle_at
+        health = verdict(self.health_facts(), now=now, loop_age_sec=age)
         status = {
             "mode": self.mode,
             "pair": s.PAIR,
@@ -615,10 +654,9 @@ class Bot:
             "store": self.store.status(),
             "sim": {"true_regime": self._truth()} if self._truth else None,
             "health": {
-                "ok": age is not None
-                and age <= 3 * s.LOOP_INTERVAL_SEC
-                and all(feed["status"] == "ok" for feed in pipeline.values()),
+                **health,  # ok and reasons: the verdict /healthz gives too
                 "cycles": self.cycles,
+                "failing_cycles": self.failing_cycles,
                 "last_cycle_at": self.last_cycle_at,
                 "cycle_ms": cycle_time_summary(self.cycle_ms),
                 "started_at": self.started_at,
@@ -672,7 +710,11 @@ class Bot:
 
 
 class Runner:
-    """Paces :meth:`Bot.tick`, publishes the status, beats the heartbeat, stops on request."""
+    """Paces :meth:`Bot.tick`, publishes the status and the health facts, beats the heartbeat, stops on request.
+
+    The heartbeat beats only when a cycle completes: a loop whose every cycle
+    raises is not alive in any sense an operator cares about.
+    """
 
     def __init__(
         self,
@@ -688,6 +730,7 @@ class Runner:
         self.publish_every = publish_every_wall_sec
         self._last_publish: float | None = None
         self._publish_lock = threading.Lock()
+        self.health_facts: HealthFacts | None = None  # the latest, for /healthz (read by HTTP threads)
 
     def run(self, until: Callable[[], bool] | None = None) -> None:
         clock = self.bot.clock
@@ -705,15 +748,27 @@ class Runner:
             self.bot.tick()
         except Exception as exc:  # one bad cycle must not end the bot
             log.exception("cycle failed")
-            self.bot.record_error("main loop", f"{type(exc).__name__}: {exc}", self.bot.clock.now())
-        self.board.beat()
+            self.bot.cycle_failed(exc)
+        else:
+            self.board.beat()
+        self.health_facts = self.bot.health_facts()
         wall = time.monotonic()
         if self._last_publish is None or wall - self._last_publish >= self.publish_every:
             self.publish()
 
+    def health(self) -> dict[str, Any]:
+        """``/healthz``: the verdict of the last cycle's facts at the time of the request."""
+        return verdict(self.health_facts, now=self.bot.clock.now(), loop_age_sec=self.board.last_cycle_age())
+
     def publish(self) -> None:
-        with self._publish_lock:
-            self.board.publish(self.bot.status())
+        """Publish the status; a bug in building it is logged and shown, and the loop goes on."""
+        try:
+            with self._publish_lock:
+                self.board.publish(self.bot.status())
+        except Exception as exc:
+            log.exception("publishing the status failed")
+            self.bot.record_error("status", f"the status could not be published: {type(exc).__name__}: {exc}",
+                                  self.bot.clock.now())  # fmt: skip
         self._last_publish = time.monotonic()
 
     def action(self, handler: Callable[[Mapping[str, Any]], dict[str, Any]]) -> Callable[[Mapping], dict]:

@@ -16,6 +16,7 @@ from itertools import islice
 
 from candles import Candle, MarketData, candle_problem, merge_candles
 from errors import BadData, RetryLater
+from health import FeedFacts
 from store import Store
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,11 @@ class FeedSpec:
     @property
     def width_sec(self) -> int:
         return self.interval_min * 60
+
+    @property
+    def freshness_limit_sec(self) -> float:
+        """How old the newest closed candle may be (SPEC section 2)."""
+        return max(MIN_FRESHNESS_LIMIT_SEC, 3.0 * self.width_sec)
 
 
 @dataclass
@@ -114,7 +120,7 @@ class CandlePipeline:
                     good.append(c)
             self.store.upsert_candles(self.pair, interval, good)
         except (RetryLater, BadData) as exc:
-            st.last_error, st.last_error_at = f"{type(exc).__name__}: {exc}", now
+            st.last_error, st.last_error_at = str(exc), now  # our own errors already say what failed
             log.warning("sync %s failed: %s", self.specs[interval].label, exc)
             return 0
         st.forming = page.forming
@@ -125,6 +131,18 @@ class CandlePipeline:
             st.available += len(good)
             st.new_since_check += len(good)
         return len(good)
+
+    def health_facts(self) -> tuple[FeedFacts, ...]:
+        """What the health verdict needs of each feed."""
+        return tuple(
+            FeedFacts(
+                spec.label,
+                None if (newest := self.state[interval].newest_time) is None else float(newest + spec.width_sec),
+                spec.freshness_limit_sec,
+                self.state[interval].last_error,
+            )
+            for interval, spec in self.specs.items()
+        )
 
     def take_new(self, interval: int) -> int:
         """Candles added to ``interval`` since the last call (for evaluation triggers)."""
@@ -203,7 +221,7 @@ class CandlePipeline:
         out = {}
         for interval, spec in self.specs.items():
             st = self.state[interval]
-            limit = max(MIN_FRESHNESS_LIMIT_SEC, 3.0 * spec.width_sec)
+            limit = spec.freshness_limit_sec
             freshness = None if st.newest_time is None else max(0.0, now - (st.newest_time + spec.width_sec))
             if freshness is None:
                 status = "empty"

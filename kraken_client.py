@@ -19,9 +19,12 @@ from __future__ import annotations
 import json
 import logging
 import math
+import socket
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple, TypeVar
+from urllib.parse import urlsplit
 
 import requests
 
@@ -355,10 +358,8 @@ class KrakenPublicClient:
         url = self.base_url + path
         try:
             resp = self._session.get(url, params=params, timeout=self.timeout)
-        except requests.Timeout:
-            raise RetryLater(f"Kraken {path}: timed out after {self.timeout:g}s") from None
         except requests.RequestException as exc:
-            raise RetryLater(f"Kraken {path}: {type(exc).__name__}: {exc}") from None
+            raise RetryLater(f"Kraken {path}: {transport_problem(exc, url, self.timeout)}") from None
         if resp.status_code in RETRYABLE_HTTP:
             raise RetryLater(f"Kraken {path}: HTTP {resp.status_code}", retry_after_sec=_retry_after(resp))
         if resp.status_code != 200:
@@ -367,6 +368,43 @@ class KrakenPublicClient:
             return json.loads(resp.content)
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise BadData(f"Kraken {path}: the answer is not valid JSON") from None
+
+
+def transport_problem(exc: BaseException, url: str, timeout: float) -> str:
+    """A failed HTTP exchange in plain words: what went wrong and where, not the library's repr.
+
+    ``requests`` wraps the cause two or three levels deep (a ``ConnectionError``
+    around urllib3's ``MaxRetryError`` around a ``NameResolutionError``
+    around ``socket.gaierror``); the innermost known cause names the problem.
+    """
+    host = urlsplit(url).hostname or url
+    causes = list(_causes(exc))
+    if any(isinstance(c, socket.gaierror) or type(c).__name__ == "NameResolutionError" for c in causes):
+        return f"cannot resolve {host}: no network, or no DNS?"
+    if any(isinstance(c, ConnectionRefusedError) for c in causes):
+        return f"{host} refused the connection"
+    if any(isinstance(c, requests.Timeout | TimeoutError | socket.timeout) for c in causes):
+        return f"{host} did not answer within {timeout:g} s"
+    if any(isinstance(c, ssl.SSLError | requests.exceptions.SSLError) for c in causes):
+        return f"the TLS handshake with {host} failed (check the system clock and CA certificates)"
+    if any(isinstance(c, ConnectionResetError | requests.exceptions.ChunkedEncodingError) for c in causes):
+        return f"{host} dropped the connection"
+    if any(isinstance(c, OSError) and c.strerror for c in causes):
+        err = next(c for c in causes if isinstance(c, OSError) and c.strerror)
+        return f"cannot reach {host}: {err.strerror}"
+    return f"cannot reach {host} ({type(exc).__name__})"
+
+
+def _causes(exc: BaseException | None, depth: int = 0):
+    """``exc`` and everything it wraps: causes, contexts, urllib3's ``reason`` and exception arguments."""
+    if exc is None or depth > 8:
+        return
+    yield exc
+    nested = [exc.__cause__, exc.__context__, getattr(exc, "reason", None)]
+    nested += [a for a in exc.args if isinstance(a, BaseException)]
+    for inner in nested:
+        if isinstance(inner, BaseException) and inner is not exc:
+            yield from _causes(inner, depth + 1)
 
 
 def _retry_after(resp: requests.Response) -> float | None:

@@ -73,7 +73,7 @@ import requests
 
 from errors import BadData, ConfigError, RetryLater
 from exchange import BUY, SELL, OrderRejected, PairRules
-from kraken_client import ASSET_PAIRS_PATH, PairInfo, parse_asset_pair
+from kraken_client import ASSET_PAIRS_PATH, PairInfo, parse_asset_pair, transport_problem
 
 log = logging.getLogger(__name__)
 
@@ -471,10 +471,9 @@ class KrakenPrivateClient:
         """
         try:
             resp = self._session.request(http_method, self.base_url + path, timeout=self.timeout, **kwargs)
-        except requests.Timeout:
-            raise NoAnswer(f"Kraken {what}: timed out after {self.timeout:g}s") from None
         except requests.RequestException as exc:
-            raise NoAnswer(f"Kraken {what}: {type(exc).__name__}") from None
+            problem = transport_problem(exc, self.base_url, self.timeout)
+            raise NoAnswer(f"Kraken {what}: {problem}") from None
         if resp.status_code != 200:
             if resp.status_code in RETRYABLE_HTTP or unsure:
                 raise NoAnswer(f"Kraken {what}: HTTP {resp.status_code}", retry_after_sec=_retry_after(resp))

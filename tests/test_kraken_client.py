@@ -313,7 +313,7 @@ def test_timeout_exhausted_raises_retry_later_saying_it_timed_out(
 ) -> None:
     fake.fail_next(2, "slow", delay=2.0)
     started = time.monotonic()
-    with pytest.raises(RetryLater, match=r"timed out after 0\.3s"):
+    with pytest.raises(RetryLater, match=r"127\.0\.0\.1 did not answer within 0\.3 s"):
         make_client(timeout=0.3, max_retries=1).fetch_ohlc(1)
     assert time.monotonic() - started < 1.5
     assert sleeps.calls == [1.0]
@@ -581,7 +581,7 @@ def test_failing_sync_records_the_error_and_changes_nothing(
     fake.fail_next(client.max_retries + 1, "unavailable")
     assert pipeline.sync(1, clock.now()) == 0
     health = pipeline.health(clock.now())["1m"]
-    assert "RetryLater" in health["last_error"] and "EService:Unavailable" in health["last_error"]
+    assert health["last_error"] == "Kraken: EService:Unavailable"  # our own words, no exception class
     assert health["newest_candle_time"] == CANDLES[FORMING - 1].time
     assert store.load_candles(PAIR, 1, 5000) == before
     # The fake has recovered: the next cadence catches up on everything that closed meanwhile
@@ -601,3 +601,32 @@ def test_training_loader_merges_the_store_with_krakens_window(pipeline_setup) ->
     assert rows == CANDLES[200:FORMING]
     assert CANDLES[FORMING].time not in times
     assert pipeline.load_recent_ohlcv_rows(1, 500) == CANDLES[FORMING - 500 : FORMING]
+
+
+def test_transport_failures_are_described_in_plain_words() -> None:
+    """What the pipeline card and the Errors card show, instead of the library's nested repr."""
+    import socket as socket_module
+
+    from kraken_client import transport_problem
+
+    url = "https://api.kraken.com/0/public/OHLC"
+
+    def wrapped(inner: BaseException) -> requests.ConnectionError:
+        # requests' shape: ConnectionError(MaxRetryError(...)) whose reason holds the cause.
+        outer = Exception("HTTPSConnectionPool(host='api.kraken.com', port=443): Max retries exceeded")
+        outer.reason = inner  # type: ignore[attr-defined]
+        return requests.ConnectionError(outer)
+
+    dns = wrapped(socket_module.gaierror(-3, "Temporary failure in name resolution"))
+    assert transport_problem(dns, url, 10) == "cannot resolve api.kraken.com: no network, or no DNS?"
+    refused = wrapped(ConnectionRefusedError(111, "Connection refused"))
+    assert transport_problem(refused, url, 10) == "api.kraken.com refused the connection"
+    timeout = requests.ReadTimeout("read timed out")
+    assert transport_problem(timeout, url, 10) == "api.kraken.com did not answer within 10 s"
+    assert transport_problem(requests.exceptions.SSLError("bad cert"), url, 10).startswith(
+        "the TLS handshake with api.kraken.com failed"
+    )
+    unreachable = wrapped(OSError(101, "Network is unreachable"))
+    assert transport_problem(unreachable, url, 10) == "cannot reach api.kraken.com: Network is unreachable"
+    other = requests.RequestException("?")
+    assert transport_problem(other, url, 10) == "cannot reach api.kraken.com (RequestException)"
