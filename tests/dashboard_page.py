@@ -25,7 +25,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 import dashboard
 from clock import iso_utc
-from http_api import ActionRouter, ApiContext, ApiServer, StatusBoard
+from http_api import ActionRouter, ApiContext, ApiServer, StatusBoard, heartbeat_health
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -83,7 +83,8 @@ class Site:
 def start_site(token: str = "", router: ActionRouter | None = None) -> Site:
     board = StatusBoard()
     router = ActionRouter() if router is None else router
-    server = ApiServer("127.0.0.1", 0, ApiContext(board, router, dashboard.render_page(), token, 45.0))
+    ctx = ApiContext(board, router, dashboard.assets(), token, lambda: heartbeat_health(board, 45.0))
+    server = ApiServer("127.0.0.1", 0, ctx)
     server.start()
     return Site(board, server, router)
 
