@@ -589,3 +589,88 @@ def test_connections_beyond_the_cap_get_an_immediate_503(caplog):
         finally:
             for sock in held:
                 sock.close()
+
+
+EMFILE_SERVER = """
+import logging, resource, sys
+from http_api import ActionRouter, ApiContext, ApiServer, StatusBoard
+
+logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s %(message)s")
+board = StatusBoard()
+board.publish({"n": 1})
+ctx = ApiContext(board, ActionRouter(), {}, "", lambda: {"ok": True})
+server = ApiServer("127.0.0.1", 0, ctx, max_connections=1000, request_timeout_sec=float(sys.argv[1]))
+port = server.start()
+resource.setrlimit(resource.RLIMIT_NOFILE, (int(sys.argv[2]), resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+print(port, flush=True)
+sys.stdin.read()  # serve until the test closes stdin
+server.stop()
+"""
+
+
+def cpu_seconds(pid):
+    import os
+    from pathlib import Path
+
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def test_out_of_file_descriptors_the_server_backs_off_and_recovers():
+    """With RLIMIT_NOFILE low, held connections exhaust the server's descriptors: accept() fails with
+    EMFILE. The failure is logged once, the accept loop waits instead of spinning, and once the held
+    connections reach their deadline the server accepts again and /api/status answers."""
+    import queue
+    import select
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", EMFILE_SERVER, "1.5", "32"],
+        cwd=root,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    lines = queue.Queue()
+    reader = threading.Thread(target=lambda: [lines.put(line) for line in proc.stderr], daemon=True)
+    reader.start()
+    seen = []
+
+    def wait_for(fragment):
+        while not any(fragment in line for line in seen):
+            seen.append(lines.get(timeout=10))
+
+    held = []
+    try:
+        port = int(proc.stdout.readline())
+        held = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(60)]  # > 32 descriptors
+        wait_for("cannot accept connections")
+        assert "Too many open files" in seen[-1]
+        cpu0, t0 = cpu_seconds(proc.pid), time.monotonic()
+        # Hold until the server drops the connections it accepted (their request deadline).
+        assert select.select(held, [], [], 10)[0]
+        cpu1, t1 = cpu_seconds(proc.pid), time.monotonic()
+        assert t1 - t0 > 0.5
+        assert cpu1 - cpu0 < 0.5 * (t1 - t0), f"{cpu1 - cpu0:.2f}s of CPU in {t1 - t0:.2f}s: the accept loop spun"
+        for sock in held:
+            sock.close()
+        wait_for("accepting connections again")
+        code, _, body = exchange(port, b"GET /api/status HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        assert (code, body) == (200, b'{"n":1}')
+    finally:
+        for sock in held:
+            sock.close()
+        proc.stdin.close()
+        proc.wait(timeout=10)
+        reader.join(timeout=5)
+    while not lines.empty():
+        seen.append(lines.get())
+    assert proc.returncode == 0, seen
+    assert sum("cannot accept connections" in line for line in seen) == 1, seen
+    assert sum("accepting connections again" in line for line in seen) == 1, seen
+    assert not any("Traceback" in line or line.startswith("ERROR") for line in seen), seen
