@@ -295,9 +295,44 @@
     h.className = 'pill ' + (ok === null ? '' : ok ? 'good' : 'bad');
     h.textContent = ok === null ? 'health —' : ok ? 'health ok' : 'health NOT OK';
     const cycles = health ? num(health.cycles) : null;
-    h.title = cycles === null ? '' : fmtInt(cycles) + ' cycles';
-    const mech = obj(obj(s.regime_tier) && s.regime_tier.mechanical);
-    setText('tier-chip', mech ? 'tier ' + str(mech.tier) + ' · ' + str(mech.direction) + (mech.shadow ? ' · shadow' : '') : '');
+    const reasons = healthReasons(health);
+    h.title = ok === false && reasons.length ? reasons[0] : cycles === null ? '' : fmtInt(cycles) + ' cycles';
+    renderHeaderTier(obj(s.regime_tier));
+    renderHeaderEquity(obj(s.grid));
+  }
+
+  /** The tier the grid trades (effective); under an AI override, also what the mechanical tier is. */
+  function renderHeaderTier(rt) {
+    const mech = obj(rt && rt.mechanical);
+    const eff = obj(rt && rt.effective) || mech;
+    const label = (t) => 'tier ' + str(t.tier) + ' · ' + str(t.direction);
+    const override = !!eff && eff.source === 'ai_override';
+    const shadow = !override && !!mech && mech.shadow === true;
+    setText('header-tier', eff ? label(eff) + (shadow ? ' · shadow' : '') : '');
+    show($('header-override'), override);
+    const mechLine = $('header-mech');
+    mechLine.textContent = override && mech ? 'mechanical: ' + label(mech) : '';
+    show(mechLine, override && !!mech);
+  }
+
+  /** Equity now and net P&L since start (mark-to-market), from the grid's own block. */
+  function renderHeaderEquity(g) {
+    const balances = obj(g && g.balances) || {}, pnl = obj(g && g.pnl) || {};
+    const equity = num(balances.equity_quote);
+    show($('header-equity-box'), equity !== null);
+    const quote = g ? str(g.quote_asset) : '';
+    setText('header-equity', equity === null ? '' : fmtQuote(equity) + (quote ? ' ' + quote : ''));
+    const net = num(pnl.net_quote), start = num(pnl.start_equity_quote);
+    const pct = start !== null && start > 0 && net !== null ? ' (' + fmtSigned((net / start) * 100, 2) + '%)' : '';
+    const pnlNode = $('header-pnl');
+    pnlNode.className = signClass(net);
+    pnlNode.textContent = net === null ? '' : 'net ' + fmtQuote(net, true) + pct;
+  }
+
+  /** Why the bot is not healthy, in plain words (a status without the list has none). */
+  function healthReasons(health) {
+    const reasons = health && Array.isArray(health.reasons) ? health.reasons : [];
+    return reasons.filter((r) => typeof r === 'string' && r !== '');
   }
 
   function renderTier(rt, now) {
@@ -636,12 +671,21 @@
   function renderErrors(health, now) {
     const list = $('errors');
     list.replaceChildren();
+    // Why health is not ok comes first; "No errors." is never shown while it is not.
+    const notOk = !!health && health.ok === false;
+    const reasons = notOk ? healthReasons(health) : [];
+    for (const reason of reasons) {
+      list.appendChild(tid(el('li', 'reason', el('span', 'pill bad src', 'not ok'), el('span', 'msg', reason)), 'health-reason'));
+    }
     const errors = (health && Array.isArray(health.errors) ? health.errors : []).filter(obj).slice();
     errors.sort((a, b) => (num(b.ts) || 0) - (num(a.ts) || 0));
     for (const e of errors) {
       const when = el('span', 'when num', fmtClock(e.ts));
       when.title = ago(now, e.ts);
       list.appendChild(el('li', '', when, el('span', 'pill src', str(e.source) || '?'), el('span', 'msg', str(e.message))));
+    }
+    if (!list.firstChild && notOk) {
+      list.appendChild(el('li', 'reason', el('span', 'pill bad src', 'not ok'), el('span', 'msg', 'health is not ok (no reason given)')));
     }
     if (!list.firstChild) list.appendChild(el('li', 'empty', 'No errors.'));
   }
