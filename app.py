@@ -29,7 +29,7 @@ import store_migration
 from bot import SIM_DB_DEFAULT, Bot, Runner
 from candles import MarketData, read_candles_csv
 from clock import SimClock, WallClock
-from config import Settings, live_problems, load_settings
+from config import Settings, allowed_hosts, live_problems, load_settings
 from errors import BadData, BotError, ConfigError, RetryLater
 from exchange import PairRules
 from grid_runner import GridRunner, grid_config, runner_settings
@@ -223,7 +223,14 @@ def build_app(args: argparse.Namespace, settings: Settings, stop_event: threadin
         router.register(name, runner.action(getattr(bot, name)))
     server = None
     if not args.replay or args.serve:
-        ctx = ApiContext(board, router, dashboard.render_page(), s.API_TOKEN, 3 * s.LOOP_INTERVAL_SEC)
+        ctx = ApiContext(
+            board,
+            router,
+            dashboard.assets(),
+            s.API_TOKEN,
+            runner.health,
+            allowed_hosts=allowed_hosts(s.HTTP_ALLOWED_HOSTS),
+        )
         server = ApiServer(s.HTTP_HOST, s.HTTP_PORT, ctx)
     until = (lambda: replay_market.finished) if replay_market else None
     return App(bot, runner, board, server, until, replay_market, [store.close])

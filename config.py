@@ -73,6 +73,9 @@ class Settings:
     HTTP_HOST: str = _setting("127.0.0.1", "Address the dashboard and API bind to")
     HTTP_PORT: int = _setting(8080, "Port of the dashboard and API (0 picks a free one)", lo=0, hi=65535)
     API_TOKEN: str = _setting("", "Bearer token required on /api/* (required off loopback)", secret=True)
+    HTTP_ALLOWED_HOSTS: str = _setting(
+        "", "Comma-separated host names the dashboard is reached by, besides localhost and IP addresses"
+    )
     LOG_LEVEL: str = _setting("INFO", "Logging level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     # --- simulator ----------------------------------------------------------
     SIM_SEED: int = _setting(7, "Seed of the market simulator", lo=0, hi=2**32 - 1)
@@ -374,8 +377,24 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def allowed_hosts(value: str) -> tuple[str, ...]:
+    """The names in HTTP_ALLOWED_HOSTS, lower-case; ``ValueError`` for one that is not a bare host name."""
+    names = tuple(n.strip().lower().rstrip(".") for n in value.split(",") if n.strip())
+    for name in names:
+        labels = name.split(".")
+        if not all(label and len(label) <= 63 and label.replace("-", "").isalnum() for label in labels):
+            raise ValueError(f"{name!r} is not a host name (no scheme, port or path)")
+        if not name.isascii():
+            raise ValueError(f"{name!r} is not an ASCII host name (use its xn-- form)")
+    return names
+
+
 def _cross_checks(s: Settings) -> list[str]:
     problems = []
+    try:
+        allowed_hosts(s.HTTP_ALLOWED_HOSTS)
+    except ValueError as exc:
+        problems.append(f"HTTP_ALLOWED_HOSTS={s.HTTP_ALLOWED_HOSTS!r} is invalid: {exc}")
 
     def need(ok: bool, message: str) -> None:
         if not ok:

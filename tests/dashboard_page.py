@@ -80,10 +80,14 @@ class Site:
         return f"http://127.0.0.1:{self.server.port}/"
 
 
+HEALTHY = {"ok": True, "reasons": []}  # /healthz here (the page reads health from the status)
+
+
 def start_site(token: str = "", router: ActionRouter | None = None) -> Site:
     board = StatusBoard()
     router = ActionRouter() if router is None else router
-    server = ApiServer("127.0.0.1", 0, ApiContext(board, router, dashboard.render_page(), token, 45.0))
+    ctx = ApiContext(board, router, dashboard.assets(), token, lambda: HEALTHY)
+    server = ApiServer("127.0.0.1", 0, ctx)
     server.start()
     return Site(board, server, router)
 

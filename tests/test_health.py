@@ -1,14 +1,17 @@
 """The health verdict: pure rules, then the wired bot failing for real (cycles, Kraken, a full disk)."""
 
+import http.client
+import json
 import threading
 
 import pytest
 from conftest import SIM_START, make_settings, make_sim_bot, run_ticks
 
+import dashboard
 from bot import Bot, Runner
 from clock import SimClock
 from health import FeedFacts, HealthFacts, verdict
-from http_api import StatusBoard
+from http_api import ActionRouter, ApiContext, ApiServer, StatusBoard
 from kraken_client import KrakenPublicClient
 from market_sim import generate
 from store import SQLiteStore
@@ -82,6 +85,20 @@ def runner_for(bot: Bot) -> Runner:
     return Runner(bot, board, interval_sec=bot.interval_sec, stop_event=threading.Event())
 
 
+def healthz(runner: Runner) -> tuple[int, dict]:
+    """``GET /healthz`` from a real server wired as ``bot.py`` wires it."""
+    ctx = ApiContext(runner.board, ActionRouter(), dashboard.assets(), "", runner.health)
+    server = ApiServer("127.0.0.1", 0, ctx)
+    port = server.start()
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        conn.request("GET", "/healthz")
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read())
+    finally:
+        server.stop()
+
+
 def test_cycles_that_keep_failing_make_status_and_healthz_unhealthy(tmp_path):
     bot = make_sim_bot(tmp_path / "f.sqlite3", HMM_SECONDARY_ENABLED=False)
     runner = runner_for(bot)
@@ -98,6 +115,7 @@ def test_cycles_that_keep_failing_make_status_and_healthz_unhealthy(tmp_path):
     health = runner.health()
     assert health["ok"] is False
     assert "the last 3 cycles failed: ZeroDivisionError: float division by zero" in health["reasons"]
+    assert healthz(runner) == (503, health)  # over real HTTP, the same verdict
     runner.publish()
     st = runner.board.status()
     assert st["health"]["ok"] is False and st["health"]["reasons"] == health["reasons"]
@@ -110,6 +128,7 @@ def test_cycles_that_keep_failing_make_status_and_healthz_unhealthy(tmp_path):
     del bot._trade
     runner.cycle()
     assert runner.health() == {"ok": True, "reasons": []}
+    assert healthz(runner) == (200, {"ok": True, "reasons": []})
     bot.store.close()
 
 
