@@ -28,6 +28,7 @@ import requests
 from candles import Candle, OhlcPage, candle_problem
 from errors import BadData, RetryLater
 from exchange import PairRules
+from redaction import scrub
 
 log = logging.getLogger(__name__)
 
@@ -358,7 +359,8 @@ class KrakenPublicClient:
         except requests.Timeout:
             raise RetryLater(f"Kraken {path}: timed out after {self.timeout:g}s") from None
         except requests.RequestException as exc:
-            raise RetryLater(f"Kraken {path}: {type(exc).__name__}: {exc}") from None
+            # requests quotes the URL it tried: no credentials of KRAKEN_API_URL in the text
+            raise RetryLater(scrub(f"Kraken {path}: {type(exc).__name__}: {exc}", ())) from None
         if resp.status_code in RETRYABLE_HTTP:
             raise RetryLater(f"Kraken {path}: HTTP {resp.status_code}", retry_after_sec=_retry_after(resp))
         if resp.status_code != 200:

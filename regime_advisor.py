@@ -39,6 +39,7 @@ from ai_advisor import AdvisorWorker, Job, Panel, get_regime_opinion
 from clock import iso_utc
 from config import Settings
 from errors import ActionRefused, RetryLater
+from redaction import scrub
 from regime_policy import TierState
 from store import Store
 
@@ -61,6 +62,7 @@ class RegimeAdvisor:
         self.enabled = s.AI_REGIME_ADVISOR_ENABLED
         self.store = store
         self._record_error = record_error
+        self._secrets = s.secret_values()  # masked in every error text the advisor keeps or reports
         self.rails = Rails(s.AI_OVERRIDE_MIN_CONVICTION, s.AI_OVERRIDE_TTL_SEC, s.AI_OVERRIDE_MAX_TTL_SEC)
         self.schedule = AdvisorSchedule(s.AI_REGIME_INTERVAL_SEC, s.AI_REGIME_DEBOUNCE_SEC)
         self.scorecard = Scorecard(s.AI_SCORECARD_HORIZON_SEC, s.GRID_ENTRY_PCT)
@@ -131,7 +133,7 @@ class RegimeAdvisor:
 
     def _consume(self, job: Job, result: Mapping[str, Any], now: float, mech: TierState, price: float | None) -> None:
         if result.get("error"):
-            self.last_error = str(result["error"])
+            self.last_error = scrub(str(result["error"]), self._secrets)
             log.warning("AI advisor run skipped: %s", self.last_error)
             return
         agreement = classify_agreement(
@@ -207,7 +209,7 @@ class RegimeAdvisor:
         try:
             write()
         except RetryLater as exc:  # the opinion still counts; only its audit row is lost
-            self._record_error("store", f"{what}: {exc}", now)
+            self._record_error("store", scrub(f"{what}: {exc}", self._secrets), now)
 
     def _end_override_if_due(self, now: float, mech: TierState, capacity_band: str) -> None:
         if self.override is None:

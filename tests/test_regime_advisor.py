@@ -281,6 +281,26 @@ def test_every_refusal_changes_nothing(harness, llm):
     assert harness.status() == before
 
 
+def test_a_provider_error_echoing_the_key_is_recorded_without_it(llm, tmp_path, caplog):
+    key = "sk-test-4f9d2c7b1e8a6f3d5c0b9a7e"
+    h = Harness(advisor_settings(llm, AI_API_KEY=key), tmp_path)
+    try:
+        echo = f"Incorrect API key provided: {key}. Sent header: Authorization: Bearer {key}"
+        llm.script(LOCAL, Reply.error(401, echo))
+        with caplog.at_level("DEBUG"):
+            h.opinion_round()
+        assert llm.calls()[0].headers["authorization"] == f"Bearer {key}"  # the real client sent it
+        block = h.status()
+        assert block["last_error"].startswith("HTTP 401: ")
+        assert "Incorrect API key provided: ***" in block["last_error"]
+        text = repr(block)
+        assert key not in text and key[:12] not in text
+        assert block["panel"][0]["last_error"] == block["last_error"]
+        assert key not in caplog.text and "Incorrect API key provided: ***" in caplog.text
+    finally:
+        h.close()
+
+
 def test_capacity_stop_blocks_an_upgrade_and_ends_an_upgrading_override(harness, llm):
     llm.script(LOCAL, Reply.opinion(tier=1, direction=SHORT, conviction=90))
     harness.opinion_round()
