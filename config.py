@@ -168,6 +168,9 @@ class Settings:
     AI_SCORECARD_HORIZON_SEC: float = _setting(
         1800.0, "Score each opinion against the price this much later", lo=60, hi=7 * 86400
     )
+    AI_OPINION_MAX_AGE_SEC: float = _setting(
+        600.0, "An opinion older than this cannot be applied (default: two advisor intervals)", lo=30, hi=86400
+    )
     AI_REASONING_MODEL: str = _setting("moonshotai/kimi-k2-thinking", "Model id of the reasoning panelist (Kimi)")
     AI_REASONING_PROVIDER: str = _setting("nvidia", "Provider of the reasoning panelist", choices=("nvidia", "groq"))
     AI_LLAMA70B_MODEL: str = _setting("llama-3.3-70b-versatile", "Model id of the Llama 70B panelist")
