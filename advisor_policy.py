@@ -32,6 +32,22 @@ def classify_agreement(mech_tier: int, mech_direction: str, ai_tier: int, ai_dir
     return AGREE if ai_direction == mech_direction else AI_FLIP
 
 
+def agreement_headline(mech_tier: int, mech_direction: str, ai_tier: int, ai_direction: str) -> str:
+    """One line saying what the opinion would change: the tier, the direction, or both.
+
+    A direction flip is long_bias against short_bias; tier 0 has no direction,
+    so leaving or entering it changes the tier only.
+    """
+    changes = []
+    if ai_tier != mech_tier:
+        changes.append("raise the tier" if ai_tier > mech_tier else "lower the tier")
+    if {mech_direction, ai_direction} == {LONG_BIAS, SHORT_BIAS}:
+        changes.append(f"flip the direction from {mech_direction} to {ai_direction}")
+    if not changes:
+        return "AI agrees with the mechanical tier"
+    return "AI disagrees: it would " + " and ".join(changes)
+
+
 # ------------------------------------------------------------------ override rails
 
 
@@ -75,6 +91,25 @@ class Rails:
     min_conviction: int
     default_ttl_sec: float
     max_ttl_sec: float
+    max_opinion_age_sec: float  # an older opinion describes a market that has moved on
+
+
+def opinion_age(opinion: Mapping[str, Any], now: float) -> float:
+    """Seconds since the opinion was received."""
+    return max(0.0, now - float(opinion["ts"]))
+
+
+def is_stale(opinion: Mapping[str, Any], now: float, rails: Rails) -> bool:
+    return opinion_age(opinion, now) > rails.max_opinion_age_sec
+
+
+def age_text(age_sec: float, limit_sec: float) -> str:
+    """``15 min old (limit 10 min)``; in seconds for a limit under two minutes, or when minutes
+    would show the age equal to the limit."""
+    age_min, limit_min = round(age_sec / 60.0, 1), round(limit_sec / 60.0, 1)
+    if limit_sec >= 120 and age_min > limit_min:
+        return f"{age_min:g} min old (limit {limit_min:g} min)"
+    return f"{math.ceil(age_sec * 10) / 10:g} s old (limit {limit_sec:g} s)"
 
 
 @dataclass(frozen=True)
@@ -125,6 +160,7 @@ def refusal_reason(
     opinion: Mapping[str, Any] | None,
     mech: TierState,
     *,
+    now: float,
     dismissed: bool,
     capacity_band: str,
     directional_enabled: bool,
@@ -138,6 +174,8 @@ def refusal_reason(
         return f"the opinion agrees with the mechanical tier {mech.tier} {mech.direction}: nothing to override"
     if dismissed:
         return "the current opinion was dismissed; wait for the next one"
+    if is_stale(opinion, now, rails):
+        return f"the opinion is {age_text(opinion_age(opinion, now), rails.max_opinion_age_sec)}; wait for a fresh one"
     if int(opinion["conviction"]) < rails.min_conviction:
         return f"conviction {opinion['conviction']} is below the floor of {rails.min_conviction}"
     if ai_tier > mech.tier and capacity_band == "stop":
@@ -151,6 +189,7 @@ def plan_override(
     opinion: Mapping[str, Any] | None,
     mech: TierState,
     *,
+    now: float,
     ttl_sec: float | None,
     dismissed: bool,
     capacity_band: str,
@@ -161,6 +200,7 @@ def plan_override(
     reason = refusal_reason(
         opinion,
         mech,
+        now=now,
         dismissed=dismissed,
         capacity_band=capacity_band,
         directional_enabled=directional_enabled,

@@ -31,6 +31,7 @@ from typing import Any
 import openai
 
 from config import Settings
+from redaction import scrub
 
 log = logging.getLogger(__name__)
 
@@ -321,6 +322,8 @@ def get_regime_opinion(context: Mapping[str, Any], panel: Panel) -> dict[str, An
             except Exception as exc:  # a panelist's odd reply must not end the run
                 error = f"{type(exc).__name__}: {_short(str(exc))}"
             latency = round(panel.monotonic() - started, 3)
+            if error is not None:  # a provider may echo the key it was sent (or a URL with credentials)
+                error = scrub(error, (p.api_key,))
             attempts.append({"panelist": p.name, "error": error, "latency_sec": latency})
             if error is None:
                 panel.record_answer(p)
@@ -332,8 +335,10 @@ def get_regime_opinion(context: Mapping[str, Any], panel: Panel) -> dict[str, An
         error = attempts[0]["error"] if len(attempts) == 1 else f"all panelists failed: {summary}"
         return {**result, "error": error, "attempts": attempts}
     except Exception as exc:  # pragma: no cover - defensive: the contract is "never raises"
-        log.exception("get_regime_opinion failed")
-        return {**result, "error": f"advisor failure: {type(exc).__name__}: {exc}", "attempts": attempts}
+        keys = [p.api_key for p in panel.panelists]
+        error = scrub(f"advisor failure: {type(exc).__name__}: {exc}", keys)
+        log.error("get_regime_opinion failed: %s", error)
+        return {**result, "error": error, "attempts": attempts}
 
 
 def _ask(client: Any, p: Panelist, messages: list[dict[str, str]]) -> Any:

@@ -123,7 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve the dashboard during a replay and keep it up after it ends (until Ctrl-C)",
     )
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (LOG_LEVEL)")
-    p.add_argument("--env-file", default=".env", help="settings file to read (default .env)")
+    p.add_argument(
+        "--env-file",
+        metavar="PATH",
+        help="settings file to read; it must exist (default: .env in the working folder, when there is one)",
+    )
     return p
 
 
@@ -351,7 +355,11 @@ def run(argv: list[str] | None = None) -> int:
     if args.db and not args.replay and args.market == "kraken":  # also --migrate-to-supabase
         overrides["DB_PATH"] = args.db
     try:
-        settings = load_settings(overrides, env_file=args.env_file)
+        settings = load_settings(
+            overrides,
+            env_file=".env" if args.env_file is None else args.env_file,
+            env_file_required=args.env_file is not None,
+        )
     except ConfigError as exc:
         print(f"bot.py: {exc}", file=sys.stderr)
         return 2

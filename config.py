@@ -15,6 +15,7 @@ import ipaddress
 import logging
 import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ from typing import Any
 from dotenv import dotenv_values
 
 from errors import ConfigError
+from redaction import MASK, mask_url
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +35,12 @@ OWN_PREFIXES = (
     "LIVE_", "TRADES_", "SUPABASE_",
 )  # fmt: skip
 LIVE_CONFIRMATION = "real-money"
+# Off loopback the API token is all that stands between the network and the orders.
+MIN_REMOTE_TOKEN_LEN = 16
+# int() and float() also read Arabic-Indic, fullwidth and other Unicode digits;
+# a setting is written in ASCII or refused.
+_INT_TEXT = re.compile(r"[+-]?[0-9_]+", re.ASCII)
+_FLOAT_TEXT = re.compile(r"[+-]?[0-9_.eE+-]+", re.ASCII)
 
 
 def _setting(
@@ -79,7 +87,10 @@ class Settings:
     LOG_LEVEL: str = _setting("INFO", "Logging level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     # --- simulator ----------------------------------------------------------
     SIM_SEED: int = _setting(7, "Seed of the market simulator", lo=0, hi=2**32 - 1)
-    SIM_SPEED: float = _setting(1.0, "Simulated seconds per wall second in --market sim ('max' = no waiting)", lo=0.01)
+    # Beyond a million simulated seconds per wall second the loop never waits anyway: 'max' says so.
+    SIM_SPEED: float = _setting(
+        1.0, "Simulated seconds per wall second in --market sim ('max' = no waiting)", lo=0.01, hi=1_000_000
+    )
     SIM_START: int = _setting(
         1_767_225_600, "Unix time at which a fresh simulation starts", lo=946_684_800, hi=4_102_444_800
     )
@@ -156,7 +167,13 @@ class Settings:
     AI_PANELIST_COOLDOWN_SEC: float = _setting(
         300.0, "Cool-down after repeated failures (or a 429 without Retry-After)", lo=1, hi=86400
     )
-    AI_SCORECARD_HORIZON_SEC: float = _setting(1800.0, "Score each opinion against the price this much later", lo=60)
+    # Opinions wait in memory (and the snapshot) until scored: a week bounds that, far past any override.
+    AI_SCORECARD_HORIZON_SEC: float = _setting(
+        1800.0, "Score each opinion against the price this much later", lo=60, hi=7 * 86400
+    )
+    AI_OPINION_MAX_AGE_SEC: float = _setting(
+        600.0, "An opinion older than this cannot be applied (default: two advisor intervals)", lo=30, hi=86400
+    )
     AI_REASONING_MODEL: str = _setting("moonshotai/kimi-k2-thinking", "Model id of the reasoning panelist (Kimi)")
     AI_REASONING_PROVIDER: str = _setting("nvidia", "Provider of the reasoning panelist", choices=("nvidia", "groq"))
     AI_LLAMA70B_MODEL: str = _setting("llama-3.3-70b-versatile", "Model id of the Llama 70B panelist")
@@ -180,7 +197,10 @@ class Settings:
     GRID_SKEW: float = _setting(
         0.75, "Tier 1 skew: with-trend distance x (1 - skew*|bias|), against x (1 + skew*|bias|)", lo=0, hi=1
     )
-    GRID_REFRESH_PCT: float = _setting(0.5, "Reprice a resting entry once its target moved this far, percent", lo=0.01)
+    # Past the widest entry distance (GRID_ENTRY_PCT <= 20) an entry would never be repriced.
+    GRID_REFRESH_PCT: float = _setting(
+        0.5, "Reprice a resting entry once its target moved this far, percent", lo=0.01, hi=20
+    )
     GRID_MAKER_FEE_PCT: float = _setting(
         0.25, "Maker fee, percent, of pair rules derived from prices (a known pair pays its own)", lo=0, hi=5
     )
@@ -236,16 +256,22 @@ class Settings:
     )
 
     def redacted(self) -> dict[str, Any]:
-        """All settings with secrets masked: safe to log or display."""
+        """All settings with secrets and URL credentials masked: safe to log or display."""
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if f.metadata["secret"]:
-                value = "***" if value else ""
+                value = MASK if value else ""
+            elif isinstance(value, str):
+                value = mask_url(value)  # https://user:pass@host, ?key=...
             elif isinstance(value, float) and math.isinf(value):
                 value = "max"  # SIM_SPEED=max; JSON has no infinity
             out[f.name] = value
         return out
+
+    def secret_values(self) -> tuple[str, ...]:
+        """The configured secret values, for :func:`redaction.scrub` of error texts."""
+        return tuple(v for f in dataclasses.fields(self) if f.metadata["secret"] and (v := getattr(self, f.name)))
 
 
 KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Settings))
@@ -263,16 +289,22 @@ def load_settings(
     *,
     environ: Mapping[str, str] | None = None,
     env_file: str | Path | None = ".env",
+    env_file_required: bool = False,
 ) -> Settings:
     """Build settings from defaults < ``.env`` < environment < ``overrides``.
 
     ``overrides`` holds values from command-line flags (``None`` = not given).
+    ``env_file`` is read when it exists; with ``env_file_required`` (a file the
+    operator named) a missing one is an error rather than silently no settings.
     Raises :class:`ConfigError` listing every problem at once.
     """
     environ = os.environ if environ is None else environ
     problems: list[str] = []
     raw: dict[str, Any] = {}
 
+    if env_file is not None and env_file_required and not Path(env_file).is_file():
+        what = "is not a file" if Path(env_file).exists() else "does not exist"
+        raise ConfigError(f"--env-file {env_file} {what}")
     if env_file is not None and Path(env_file).is_file():
         for key, value in dotenv_values(env_file).items():
             if key not in _FIELDS:
@@ -308,6 +340,10 @@ def _parse(key: str, value: Any) -> Any:
     f = _FIELDS[key]
     kind = _TYPES[f.type] if isinstance(f.type, str) else f.type
     meta = f.metadata
+    if key == "API_TOKEN" and value != str(value).strip():
+        # A stray space or newline would make a token nobody can send: refuse it
+        # (and a blank one is not "no token").
+        raise ValueError("has leading or trailing whitespace; write the token alone")
     if isinstance(value, str):
         value = value.strip()
     if kind is bool:
@@ -329,14 +365,15 @@ def _parse(key: str, value: Any) -> Any:
         raise ValueError(f"expected one of {', '.join(meta['choices'])}")
     if kind is float and key == "SIM_SPEED" and str(value).lower() == "max":
         return math.inf
+    allowed = f"expected {_range_text(kind, meta)}" + (" or 'max'" if key == "SIM_SPEED" else "")
     try:
-        number = kind(value) if kind is float else _parse_int(value)
+        number = _parse_float(value) if kind is float else _parse_int(value)
     except (TypeError, ValueError):
-        raise ValueError(f"expected {_range_text(kind, meta)}") from None
+        raise ValueError(allowed) from None
     if kind is float and not math.isfinite(number):
-        raise ValueError(f"expected {_range_text(kind, meta)}")
+        raise ValueError(allowed)
     if (meta["lo"] is not None and number < meta["lo"]) or (meta["hi"] is not None and number > meta["hi"]):
-        raise ValueError(f"expected {_range_text(kind, meta)}")
+        raise ValueError(allowed)
     return number
 
 
@@ -345,8 +382,21 @@ def _parse_int(value: Any) -> int:
         raise ValueError("not an integer")
     if isinstance(value, int):
         return value
-    text = str(value).replace("_", "")
-    return int(text)
+    text = str(value)
+    if not _INT_TEXT.fullmatch(text):
+        raise ValueError("not an ASCII integer")
+    return int(text.replace("_", ""))
+
+
+def _parse_float(value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError("not a number")
+    if isinstance(value, (int, float)):
+        return float(value)
+    text = str(value)
+    if not _FLOAT_TEXT.fullmatch(text):  # also refuses nan and inf by name
+        raise ValueError("not an ASCII number")
+    return float(text)
 
 
 def _range_text(kind: type, meta: Mapping[str, Any]) -> str:
@@ -430,7 +480,7 @@ def _cross_checks(s: Settings) -> list[str]:
     )
     need(
         s.KRAKEN_API_URL.startswith(("http://", "https://")),
-        f"KRAKEN_API_URL={s.KRAKEN_API_URL!r} is invalid: expected an http:// or https:// URL",
+        f"KRAKEN_API_URL={mask_url(s.KRAKEN_API_URL)!r} is invalid: expected an http:// or https:// URL",
     )
     need(bool(s.PAIR.strip()) and s.PAIR.isalnum(), f"PAIR={s.PAIR!r} is invalid: expected letters and digits")
     need(bool(s.DB_PATH.strip()), "DB_PATH is empty: expected a file path")
@@ -440,7 +490,7 @@ def _cross_checks(s: Settings) -> list[str]:
     )
     need(
         not s.SUPABASE_URL or s.SUPABASE_URL.startswith(("http://", "https://")),
-        f"SUPABASE_URL={s.SUPABASE_URL!r} is invalid: expected the project's https:// URL",
+        f"SUPABASE_URL={mask_url(s.SUPABASE_URL)!r} is invalid: expected the project's https:// URL",
     )
     need(
         s.AI_OVERRIDE_TTL_SEC <= s.AI_OVERRIDE_MAX_TTL_SEC,
@@ -451,7 +501,7 @@ def _cross_checks(s: Settings) -> list[str]:
         url = getattr(s, key)
         need(
             not url or url.startswith(("http://", "https://")),
-            f"{key}={url!r} is invalid: expected an http:// or https:// URL",
+            f"{key}={mask_url(url)!r} is invalid: expected an http:// or https:// URL",
         )
     need(
         bool(s.AI_BASE_URL) == bool(s.AI_MODEL),
@@ -486,8 +536,13 @@ def _cross_checks(s: Settings) -> list[str]:
     )
     need(
         is_loopback(s.HTTP_HOST) or bool(s.API_TOKEN),
-        f"HTTP_HOST={s.HTTP_HOST!r} is not a loopback address: set API_TOKEN before "
-        "exposing the API beyond this machine",
+        f"HTTP_HOST={s.HTTP_HOST!r} is not a loopback address: set API_TOKEN (at least "
+        f"{MIN_REMOTE_TOKEN_LEN} characters) before exposing the API beyond this machine",
+    )
+    need(
+        is_loopback(s.HTTP_HOST) or not s.API_TOKEN or len(s.API_TOKEN) >= MIN_REMOTE_TOKEN_LEN,
+        f"API_TOKEN is {len(s.API_TOKEN)} characters: off loopback (HTTP_HOST={s.HTTP_HOST!r}) it needs "
+        f"at least {MIN_REMOTE_TOKEN_LEN}",
     )
     return problems
 

@@ -1265,6 +1265,7 @@
     let text = '';
     if (st === 'waiting') text = 'waiting for the first opinion';
     else if (st === 'override') text = 'AI override active: the grid follows it instead of the mechanical tier';
+    else if (typeof op.headline === 'string' && op.headline) text = op.headline;  // names a direction flip too
     else if (op.agreement === 'agree') text = 'AI agrees with the mechanical tier';
     else text = DISAGREE_HEADLINES[op.agreement] || 'AI disagrees with the mechanical tier';
     put(headline, text);

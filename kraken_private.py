@@ -74,6 +74,7 @@ import requests
 from errors import BadData, ConfigError, RetryLater
 from exchange import BUY, SELL, OrderRejected, PairRules
 from kraken_client import ASSET_PAIRS_PATH, PairInfo, parse_asset_pair, transport_problem
+from redaction import scrub
 
 log = logging.getLogger(__name__)
 
@@ -220,13 +221,17 @@ def classify_private_errors(errors: Sequence[Any]) -> Exception:
     return BadData(message)
 
 
-def result_of(payload: Any, what: str) -> Any:
-    """``result`` of a decoded answer; raises the classified error for an ``E`` error array."""
+def result_of(payload: Any, what: str, secrets: Iterable[str] = ()) -> Any:
+    """``result`` of a decoded answer; raises the classified error for an ``E`` error array.
+
+    ``secrets`` (the API key and secret) are masked in the error texts, should Kraken echo one.
+    """
     if not isinstance(payload, dict):
         raise BadData(f"Kraken {what}: the answer is not a JSON object")
     errors = payload.get("error") or []
     if not isinstance(errors, list):
         raise BadData(f"Kraken {what}: 'error' is not a list")
+    errors = [scrub(str(e), secrets) for e in errors]
     warnings = [e for e in errors if str(e).startswith("W")]
     if warnings:
         log.warning("Kraken %s: %s", what, "; ".join(map(str, warnings)))
@@ -427,7 +432,7 @@ class KrakenPrivateClient:
                 payload = self._send(
                     "POST", path, method, data=postdata.encode(), headers=headers, unsure=not idempotent
                 )
-                return result_of(payload, method)
+                return result_of(payload, method, (self._api_key, self._secret))
             except InvalidNonce as exc:
                 if nonce_retries >= self.max_nonce_retries:
                     raise

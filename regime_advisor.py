@@ -28,9 +28,12 @@ from advisor_policy import (
     Override,
     Rails,
     Scorecard,
+    agreement_headline,
     classify_agreement,
     effective_state,
+    is_stale,
     one_step,
+    opinion_age,
     override_end,
     plan_override,
     refusal_reason,
@@ -39,6 +42,7 @@ from ai_advisor import AdvisorWorker, Job, Panel, get_regime_opinion
 from clock import iso_utc
 from config import Settings
 from errors import ActionRefused, RetryLater
+from redaction import scrub
 from regime_policy import TierState
 from store import Store
 
@@ -61,7 +65,10 @@ class RegimeAdvisor:
         self.enabled = s.AI_REGIME_ADVISOR_ENABLED
         self.store = store
         self._record_error = record_error
-        self.rails = Rails(s.AI_OVERRIDE_MIN_CONVICTION, s.AI_OVERRIDE_TTL_SEC, s.AI_OVERRIDE_MAX_TTL_SEC)
+        self._secrets = s.secret_values()  # masked in every error text the advisor keeps or reports
+        self.rails = Rails(
+            s.AI_OVERRIDE_MIN_CONVICTION, s.AI_OVERRIDE_TTL_SEC, s.AI_OVERRIDE_MAX_TTL_SEC, s.AI_OPINION_MAX_AGE_SEC
+        )
         self.schedule = AdvisorSchedule(s.AI_REGIME_INTERVAL_SEC, s.AI_REGIME_DEBOUNCE_SEC)
         self.scorecard = Scorecard(s.AI_SCORECARD_HORIZON_SEC, s.GRID_ENTRY_PCT)
         self.history: deque[dict[str, Any]] = deque(maxlen=s.AI_REGIME_HISTORY_SIZE)
@@ -131,7 +138,7 @@ class RegimeAdvisor:
 
     def _consume(self, job: Job, result: Mapping[str, Any], now: float, mech: TierState, price: float | None) -> None:
         if result.get("error"):
-            self.last_error = str(result["error"])
+            self.last_error = scrub(str(result["error"]), self._secrets)
             log.warning("AI advisor run skipped: %s", self.last_error)
             return
         agreement = classify_agreement(
@@ -207,7 +214,7 @@ class RegimeAdvisor:
         try:
             write()
         except RetryLater as exc:  # the opinion still counts; only its audit row is lost
-            self._record_error("store", f"{what}: {exc}", now)
+            self._record_error("store", scrub(f"{what}: {exc}", self._secrets), now)
 
     def _end_override_if_due(self, now: float, mech: TierState, capacity_band: str) -> None:
         if self.override is None:
@@ -256,6 +263,7 @@ class RegimeAdvisor:
             plan = plan_override(
                 self.opinion,
                 mech,
+                now=now,
                 ttl_sec=ttl,
                 dismissed=self.dismissed,
                 capacity_band=capacity_band,
@@ -342,6 +350,7 @@ class RegimeAdvisor:
                 blocked = refusal_reason(
                     o,
                     mech,
+                    now=now,
                     dismissed=self.dismissed,
                     capacity_band=capacity_band,
                     directional_enabled=directional_enabled,
@@ -355,8 +364,14 @@ class RegimeAdvisor:
                 opinion = {
                     **{k: o[k] for k in ("ts", "recommended_tier", "recommended_direction", "conviction")},
                     **{k: o[k] for k in ("rationale", "watch_for", "panelist", "model", "latency_sec")},
-                    "age_sec": round(now - o["ts"], 1),
+                    "age_sec": round(opinion_age(o, now), 1),
+                    # stale: too old to apply (AI_OPINION_MAX_AGE_SEC); stale_in_sec counts down to it
+                    "stale": is_stale(o, now, self.rails),
+                    "stale_in_sec": round(max(0.0, o["ts"] + self.rails.max_opinion_age_sec - now), 1),
                     "agreement": agreement,
+                    "headline": agreement_headline(
+                        mech.tier, mech.direction, o["recommended_tier"], o["recommended_direction"]
+                    ),
                     "agreement_when_received": o["agreement_when_received"],
                     "applicable": blocked is None,
                     "blocked_reason": blocked,
@@ -378,6 +393,7 @@ class RegimeAdvisor:
                 "conviction_floor": self.rails.min_conviction,
                 "default_ttl_sec": self.rails.default_ttl_sec,
                 "max_ttl_sec": self.rails.max_ttl_sec,
+                "opinion_max_age_sec": self.rails.max_opinion_age_sec,
                 "opinion": opinion,
                 "dismissed": self.dismissed,
                 "override": self._override_block(now),

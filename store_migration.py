@@ -55,6 +55,7 @@ from typing import Any, Protocol, TextIO, TypeVar
 from candles import Candle
 from config import Settings
 from errors import BadData, ConfigError, RetryLater
+from redaction import mask_url
 from store import FILL_COLUMNS, OPINION_COLUMNS, TRANSITION_COLUMNS
 from supabase_store import CANDLE_COLUMNS, CANDLES, FILLS, OPINIONS, STATE, TABLES, TRANSITIONS, SupabaseStore
 
@@ -498,7 +499,7 @@ def run(settings: Settings, db_path: str, out: TextIO, *, sleep: Callable[[float
 
 
 def _migrate_into(remote: SupabaseStore, url: str, db_path: str, out: TextIO, sleep: Callable[[float], None]) -> int:
-    _say(out, f"migrating {db_path} into Supabase at {url}")
+    _say(out, f"migrating {db_path} into Supabase at {mask_url(url)}")
     try:
         _Retrying(out, sleep, DEFAULT_MAX_ATTEMPTS)("checking Supabase", remote.check)
     except ConfigError as exc:

@@ -54,6 +54,7 @@ from supabase import ClientOptions, create_client
 
 from candles import Candle
 from errors import BadData, ConfigError, RetryLater
+from redaction import mask_url, scrub
 from store import FILL_COLUMNS, OPINION_COLUMNS, SCHEMA, TRANSITION_COLUMNS, store_status
 
 log = logging.getLogger(__name__)
@@ -198,12 +199,13 @@ class SupabaseStore:
         timeout: float = DEFAULT_TIMEOUT_SEC,
     ) -> None:
         if not re.match(r"^https?://[^/\s]+", url or ""):
-            raise ConfigError(f"SUPABASE_URL={url!r} is not an http(s) URL")
+            raise ConfigError(f"SUPABASE_URL={mask_url(url or '')!r} is not an http(s) URL")
         if not key or not key.strip():
             raise ConfigError("SUPABASE_KEY is empty")
         if page_size < 1 or batch_size < 1 or not timeout > 0:
             raise ValueError("page_size, batch_size and timeout must be positive")
         self.url = url
+        self._secrets = (key,)  # masked in every error text: a proxy or the client may quote it
         self.page_size = page_size
         self.batch_size = batch_size
         self.timeout = timeout
@@ -223,7 +225,7 @@ class SupabaseStore:
             self._client = create_client(url.rstrip("/"), key, options)
         except Exception as exc:  # the client validates its arguments
             self._http.close()
-            raise ConfigError(f"cannot create the Supabase client for {url}: {exc}") from exc
+            raise ConfigError(scrub(f"cannot create the Supabase client for {url}: {exc}", self._secrets)) from None
 
     def _note_answer(self, response: httpx.Response) -> None:
         self._answer.status = response.status_code
@@ -237,11 +239,12 @@ class SupabaseStore:
             yield
         except APIError as exc:
             status, retry_after = self._answer.status, self._answer.retry_after
-            raise classify_api_error(status, exc.code, exc.message, retry_after=retry_after, what=what) from exc
+            message = scrub(exc.message, self._secrets) if exc.message else exc.message
+            raise classify_api_error(status, exc.code, message, retry_after=retry_after, what=what) from exc
         except httpx.TimeoutException as exc:
             raise RetryLater(f"store: {what} failed: Supabase did not answer within {self.timeout:g} s") from exc
         except httpx.HTTPError as exc:  # connection refused or reset, dropped, protocol errors
-            raise RetryLater(f"store: {what} failed: {type(exc).__name__}: {exc}") from exc
+            raise RetryLater(scrub(f"store: {what} failed: {type(exc).__name__}: {exc}", self._secrets)) from exc
 
     def _table(self, name: str) -> SyncRequestBuilder:
         return self._client.table(name)

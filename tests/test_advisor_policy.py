@@ -9,6 +9,7 @@ from advisor_policy import (
     Override,
     Rails,
     Scorecard,
+    agreement_headline,
     clamp_ttl,
     classify_agreement,
     effective_state,
@@ -21,7 +22,8 @@ from advisor_policy import (
 from errors import ActionRefused
 from regime_policy import TierState
 
-RAILS = Rails(min_conviction=50, default_ttl_sec=1800, max_ttl_sec=3600)
+RAILS = Rails(min_conviction=50, default_ttl_sec=1800, max_ttl_sec=3600, max_opinion_age_sec=600)
+NOW = 10_000.0
 SYM, LONG, SHORT = "symmetric", "long_bias", "short_bias"
 
 
@@ -29,8 +31,9 @@ def mech(tier: int = 0, direction: str = SYM) -> TierState:
     return TierState(tier, direction, 100.0)
 
 
-def opinion(tier: int, direction: str, conviction: int = 70) -> dict:
-    return {"recommended_tier": tier, "recommended_direction": direction, "conviction": conviction}
+def opinion(tier: int, direction: str, conviction: int = 70, age_sec: float = 30.0) -> dict:
+    return {"recommended_tier": tier, "recommended_direction": direction, "conviction": conviction,
+            "ts": NOW - age_sec}  # fmt: skip
 
 
 # ---------------------------------------------------------------- agreement
@@ -56,12 +59,29 @@ def test_agreement_matrix(mech_tier, mech_dir, ai_tier, ai_dir, expected):
     assert classify_agreement(mech_tier, mech_dir, ai_tier, ai_dir) == expected
 
 
+@pytest.mark.parametrize(
+    ("mech_tier", "mech_dir", "ai_tier", "ai_dir", "change"),
+    [
+        (0, SYM, 2, LONG, "raise the tier"),
+        (2, SHORT, 0, SYM, "lower the tier"),
+        (2, LONG, 1, LONG, "lower the tier"),
+        (1, LONG, 1, SHORT, "flip the direction from long_bias to short_bias"),
+        (2, SHORT, 2, LONG, "flip the direction from short_bias to long_bias"),
+        (1, LONG, 2, SHORT, "raise the tier and flip the direction from long_bias to short_bias"),
+        (2, SHORT, 1, LONG, "lower the tier and flip the direction from short_bias to long_bias"),
+    ],
+)
+def test_headline_names_a_direction_flip_with_or_without_a_tier_change(mech_tier, mech_dir, ai_tier, ai_dir, change):
+    assert agreement_headline(mech_tier, mech_dir, ai_tier, ai_dir) == f"AI disagrees: it would {change}"
+    assert agreement_headline(mech_tier, mech_dir, mech_tier, mech_dir) == "AI agrees with the mechanical tier"
+
+
 # ---------------------------------------------------------------- rails
 
 
 def plan(op, m=None, **kwargs):
     args = {"ttl_sec": None, "dismissed": False, "capacity_band": "normal", "directional_enabled": True, "rails": RAILS}
-    args.update(kwargs)
+    args.update(kwargs, now=NOW)
     return plan_override(op, m or mech(), **args)
 
 
@@ -75,6 +95,8 @@ def plan(op, m=None, **kwargs):
         (opinion(1, LONG), mech(), {"capacity_band": "stop"}, "capacity band is stop: upgrades are blocked"),
         (opinion(1, LONG), mech(), {"dismissed": True}, "the current opinion was dismissed"),
         (opinion(1, LONG), mech(), {"directional_enabled": False}, "directional trading is disabled"),
+        (opinion(1, LONG, age_sec=900), mech(), {}, "the opinion is 15 min old (limit 10 min); wait for a fresh one"),
+        (opinion(1, SHORT, age_sec=610), mech(1, LONG), {}, "the opinion is 10.2 min old (limit 10 min)"),
     ],
 )
 def test_every_rail_refuses_with_409_and_a_reason(op, m, kwargs, reason):
@@ -82,7 +104,13 @@ def test_every_rail_refuses_with_409_and_a_reason(op, m, kwargs, reason):
         plan(op, m, **kwargs)
     assert refused.value.status == 409 and str(refused.value).startswith(reason)
     assert refusal_reason(op, m, **{**{"dismissed": False, "capacity_band": "normal", "directional_enabled": True},
-                                    **kwargs}, rails=RAILS).startswith(reason)  # fmt: skip
+                                    **kwargs}, rails=RAILS, now=NOW).startswith(reason)  # fmt: skip
+
+
+def test_an_opinion_exactly_at_the_age_limit_may_still_be_applied():
+    assert plan(opinion(1, LONG, age_sec=600)).tier == 1
+    with pytest.raises(ActionRefused, match=r"^the opinion is 600\.5 s old \(limit 600 s\); wait for a fresh one$"):
+        plan(opinion(1, LONG, age_sec=600.5))
 
 
 def test_conviction_exactly_at_the_floor_is_allowed():

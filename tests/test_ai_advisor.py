@@ -250,6 +250,24 @@ def test_all_panelists_failing_is_reported_and_never_raises(llm):
     assert "llama70b: HTTP 503" in result["error"] and "llama8b: HTTP 503" in result["error"]
 
 
+def test_errors_that_echo_a_key_or_a_bearer_token_are_scrubbed(llm):
+    clock = StepClock()
+    groq, nvidia = "gsk_groq0123456789abcdef", "nvapi-nvidia0123456789abcdef"
+    panel = make_panel(full_panel_settings(llm.url, GROQ_API_KEY=groq, NVIDIA_API_KEY=nvidia), clock)
+    llm.script(KIMI, Reply.error(401, f"invalid key {nvidia}"))
+    llm.script(LLAMA70, Reply.error(403, f"key {groq} lacks access; got header 'Bearer {groq}'"))
+    llm.script(LLAMA8, Reply.error(500, "proxy saw Authorization: Bearer abc.def-ghi_jkl"))
+    result = get_regime_opinion(CONTEXT, panel)
+    assert [a["error"] for a in result["attempts"]] == [
+        "HTTP 401: Error code: 401 - invalid key ***",
+        "HTTP 403: Error code: 403 - key *** lacks access; got header 'Bearer ***'",
+        "HTTP 500: Error code: 500 - proxy saw Authorization: Bearer ***",
+    ]
+    text = json.dumps([result, panel.status()])
+    assert groq not in text and nvidia not in text and "abc.def" not in text
+    assert {r.headers["authorization"] for r in llm.calls()} == {f"Bearer {groq}", f"Bearer {nvidia}"}
+
+
 def test_unreachable_endpoint_and_odd_clients_never_raise():
     panel = one_panelist("http://127.0.0.1:9/v1")  # nothing listens on the discard port
     assert get_regime_opinion(CONTEXT, panel)["error"].startswith("connection failed")

@@ -8,6 +8,7 @@ The mechanical tier is held at 0 by a day-long dwell, so the scripted opinion
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 
 import pytest
@@ -143,3 +144,20 @@ def test_an_applied_override_survives_kill_9(tmp_path, bot_process, llm):
     assert block["_effective"]["source"] == "ai_override"
     assert "AI override restored: tier 1 long_bias" in again.output
     assert again.terminate() == 0
+
+
+def test_an_opinion_past_its_age_limit_is_refused_409_with_its_age(tmp_path, bot_process, llm):
+    # 30 s is 1.5 wall seconds at --speed 20; the long debounce keeps a fresh opinion from arriving meanwhile
+    env = advisor_env(llm, AI_OPINION_MAX_AGE_SEC="30", AI_REGIME_DEBOUNCE_SEC="3600")
+    bot = bot_process(["--market", "sim", "--speed", "20", "--port", "0", "--db", str(tmp_path / "a.sqlite3")], env=env)
+    bot.wait_ready()
+    status = bot.wait_status(lambda s: (s["ai_regime_advisor"]["opinion"] or {}).get("stale") is True)
+    block = status["ai_regime_advisor"]
+    assert block["opinion_max_age_sec"] == 30 and block["opinion"]["applicable"] is False
+    assert block["opinion"]["age_sec"] > 30 and block["opinion"]["stale_in_sec"] == 0
+    assert block["opinion"]["headline"] == "AI disagrees: it would raise the tier"
+    before = decisions(advisor(bot))
+    code, body = post(bot, {"action": "ai_regime_override"})
+    assert code == 409 and body["ok"] is False
+    assert re.fullmatch(r"the opinion is [0-9.]+ s old \(limit 30 s\); wait for a fresh one", body["error"]), body
+    assert decisions(advisor(bot)) == before  # refused: nothing changed

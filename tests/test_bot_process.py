@@ -92,7 +92,7 @@ def test_kill_9_then_restart_leaves_a_readable_store(tmp_path, bot_process):
             {"HMM_TRAINING_CANDLES": "abc"},
             ["HMM_TRAINING_CANDLES='abc' is invalid", "an integer from 50 to 200000"],
         ),
-        (["--speed", "fast"], {}, ["SIM_SPEED='fast' is invalid", "a number of at least 0.01"]),
+        (["--speed", "fast"], {}, ["SIM_SPEED='fast' is invalid", "a number from 0.01 to 1e+06 or 'max'"]),
         (["--host", "0.0.0.0"], {}, ["HTTP_HOST='0.0.0.0' is not a loopback address: set API_TOKEN"]),
         ([], {"REGIME_TIER2_CONFIDENCE": "0.1"}, ["REGIME_TIER2_CONFIDENCE=0.1 must be above"]),
     ],

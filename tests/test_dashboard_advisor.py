@@ -763,3 +763,18 @@ def test_advisor_card_drives_a_running_bot(driver, bot_process, tmp_path):
         assert block["dismissed"] is True and block["history"][0]["action"] == "dismissed"
         assert_clean_console(driver)
         assert bot.terminate() == 0
+
+
+def test_the_headline_names_a_direction_flip(driver, site, base_status):
+    """The server words the headline (a long to short flip is not "raising the tier"); the page shows it."""
+    headline = "AI disagrees: it would raise the tier and flip the direction from long_bias to short_bias"
+
+    def block(now):
+        opinion = advisor_opinion(now, tier=2, direction="short_bias", agreement="ai_upgrade")
+        return advisor_block(now, opinion={**opinion, "headline": headline})
+
+    open_page(driver, site, advisor_status(base_status, block, mech=(1, "long_bias")))
+    assert card_state(driver) == "disagree"
+    assert text_of(driver, "advisor-headline") == headline
+    assert text_of(driver, "advisor-ai") == "AI: Tier 2 short_bias"
+    assert_clean_console(driver)

@@ -281,6 +281,67 @@ def test_every_refusal_changes_nothing(harness, llm):
     assert harness.status() == before
 
 
+def test_an_opinion_older_than_the_limit_is_refused_with_its_age_and_shown_stale(llm, tmp_path):
+    h = Harness(advisor_settings(llm, AI_REGIME_INTERVAL_SEC=3600, AI_OPINION_MAX_AGE_SEC=600), tmp_path)
+    try:
+        llm.script(LOCAL, Reply.opinion(tier=1, direction=LONG, conviction=80))
+        h.opinion_round()
+        received = h.advisor.opinion["ts"]
+        h.now = received + 240
+        fresh = h.status()
+        assert fresh["opinion_max_age_sec"] == 600
+        assert fresh["opinion"]["age_sec"] == 240 and fresh["opinion"]["stale"] is False
+        assert fresh["opinion"]["stale_in_sec"] == 360 and fresh["opinion"]["applicable"] is True
+        h.now = received + 900
+        before = h.status()
+        assert before["opinion"]["stale"] is True and before["opinion"]["stale_in_sec"] == 0
+        assert before["opinion"]["applicable"] is False
+        reason = "the opinion is 15 min old (limit 10 min); wait for a fresh one"
+        assert before["opinion"]["blocked_reason"] == reason
+        assert refused(h.apply) == reason
+        assert h.status() == before and h.advisor.override is None  # the refusal changed nothing
+        h.opinion_round(3600.0)  # a fresh opinion may be applied again
+        assert h.status()["opinion"]["stale"] is False
+        assert h.apply()["override"]["tier"] == 1
+    finally:
+        h.close()
+
+
+def test_the_headline_names_a_direction_flip(harness, llm):
+    harness.mech = TierState(1, LONG, T0 - 500)
+    llm.script(LOCAL, [Reply.opinion(tier=1, direction=SHORT), Reply.opinion(tier=2, direction=SHORT)])
+    harness.opinion_round()
+    opinion = harness.status()["opinion"]
+    assert opinion["agreement"] == "ai_flip"
+    assert opinion["headline"] == "AI disagrees: it would flip the direction from long_bias to short_bias"
+    harness.opinion_round(300.0)
+    assert harness.status()["opinion"]["headline"] == (
+        "AI disagrees: it would raise the tier and flip the direction from long_bias to short_bias"
+    )
+    harness.mech = TierState(2, SHORT, T0)  # the headline follows the mechanical tier as it moves
+    assert harness.status()["opinion"]["headline"] == "AI agrees with the mechanical tier"
+
+
+def test_a_provider_error_echoing_the_key_is_recorded_without_it(llm, tmp_path, caplog):
+    key = "sk-test-4f9d2c7b1e8a6f3d5c0b9a7e"
+    h = Harness(advisor_settings(llm, AI_API_KEY=key), tmp_path)
+    try:
+        echo = f"Incorrect API key provided: {key}. Sent header: Authorization: Bearer {key}"
+        llm.script(LOCAL, Reply.error(401, echo))
+        with caplog.at_level("DEBUG"):
+            h.opinion_round()
+        assert llm.calls()[0].headers["authorization"] == f"Bearer {key}"  # the real client sent it
+        block = h.status()
+        assert block["last_error"].startswith("HTTP 401: ")
+        assert "Incorrect API key provided: ***" in block["last_error"]
+        text = repr(block)
+        assert key not in text and key[:12] not in text
+        assert block["panel"][0]["last_error"] == block["last_error"]
+        assert key not in caplog.text and "Incorrect API key provided: ***" in caplog.text
+    finally:
+        h.close()
+
+
 def test_capacity_stop_blocks_an_upgrade_and_ends_an_upgrading_override(harness, llm):
     llm.script(LOCAL, Reply.opinion(tier=1, direction=SHORT, conviction=90))
     harness.opinion_round()

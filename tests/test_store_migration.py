@@ -430,7 +430,7 @@ def test_backoff_and_progress_rules():
 
 def test_bot_py_migrate_to_supabase_copies_the_store(fake, source, tmp_path, bot_process):
     env = {"SUPABASE_URL": fake.url, "SUPABASE_KEY": fake.key}
-    args = ["--migrate-to-supabase", "--db", str(source), "--env-file", str(tmp_path / "absent.env")]
+    args = ["--migrate-to-supabase", "--db", str(source)]  # the working folder (tmp_path) has no .env
     p = bot_process(args, env=env)
     assert p.proc.wait(60) == 0
     p.wait_for_log(r"^migration complete$", timeout=10)
