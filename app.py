@@ -42,7 +42,8 @@ from mirrored_store import open_store
 from pair_rules import describe_rules, kraken_table_rules, replay_pair, replay_table_pair, sim_pair
 from replay import ReplayMarket, replay_report, strategies_report
 from replay_plot import write_plot
-from store import SQLiteStore, Store
+from snapshots import current_key, previous_key
+from store import SQLiteStore, Store, StoreLock
 from trades_backfill import TradesBackfill
 
 log = logging.getLogger("bot")
@@ -122,6 +123,19 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="serve the dashboard during a replay and keep it up after it ends (until Ctrl-C)",
     )
+    recovery = p.add_mutually_exclusive_group()
+    recovery.add_argument(
+        "--restore-previous",
+        action="store_true",
+        help="start from the snapshot kept under snapshot:PAIR:previous (the one the last save replaced) "
+        "when the current one is refused; the refused one is moved aside to snapshot:PAIR:rejected:<time>",
+    )
+    recovery.add_argument(
+        "--discard-snapshot",
+        action="store_true",
+        help="start from scratch, without the pair's snapshot; it is moved aside to "
+        "snapshot:PAIR:rejected:<time>, not deleted",
+    )
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (LOG_LEVEL)")
     p.add_argument("--env-file", default=".env", help="settings file to read (default .env)")
     return p
@@ -140,6 +154,7 @@ class App:
     until: Callable[[], bool] | None = None
     replay: ReplayMarket | None = None
     cleanup: list[Callable[[], None]] = field(default_factory=list)
+    lock: StoreLock | None = None  # one bot per SQLite store
 
 
 def build_app(args: argparse.Namespace, settings: Settings, stop_event: threading.Event) -> App:
@@ -153,19 +168,22 @@ def build_app(args: argparse.Namespace, settings: Settings, stop_event: threadin
     grid = None  # the paper grid unless live
     rules: PairRules | None = None  # the paper grids' order rules
     interval = s.LOOP_INTERVAL_SEC
+    lock = None
     if args.replay:
         candles = read_candles_csv(args.replay)
         pair, rules, source = replay_pair(args.replay, candles, args.pair, s)
         s = replace(s, PAIR=pair)
         log.info("replay of %s as %s, rules from the %s: %s", args.replay, pair, source, describe_rules(rules))
+        lock = _lock_store(args.db, "replay", s) if args.db else None
         store = SQLiteStore(args.db or ":memory:")
         clock = SimClock(candles[0].time + 60, math.inf, stop_event)
         replay_market = ReplayMarket(clock, candles)
         market: MarketData = replay_market
         mode, interval = "replay", 60.0  # one cycle per candle
     elif args.market == "sim":
+        lock = _lock_store(args.db or SIM_DB_DEFAULT, "sim", s)
         store = SQLiteStore(args.db or SIM_DB_DEFAULT)
-        start = _sim_resume_time(store, s)
+        start = _sim_resume_time(store, s, restore_previous=args.restore_previous)
         clock = SimClock(start, s.SIM_SPEED, stop_event)
         rules, start_price = sim_pair(s.PAIR, SimParams().start_price, s.GRID_MAKER_FEE_PCT)
         params = SimParams(start_price=start_price, price_decimals=rules.price_decimals)
@@ -183,7 +201,12 @@ def build_app(args: argparse.Namespace, settings: Settings, stop_event: threadin
         )
         if not args.live:  # before the store opens: an unknown pair stops the start touching nothing
             rules = _paper_rules(s, market)
-        store = open_store(s, clock.now, args.db or s.DB_PATH)
+        lock = _lock_store(args.db or s.DB_PATH, "live" if args.live else "paper", s)
+        try:
+            store = open_store(s, clock.now, args.db or s.DB_PATH)
+        except BaseException:
+            lock.release()
+            raise
         mode = "live" if args.live else "paper"
         if args.live:
             grid = _live_grid(s, clock, store)
@@ -225,7 +248,13 @@ def build_app(args: argparse.Namespace, settings: Settings, stop_event: threadin
         ctx = ApiContext(board, router, dashboard.render_page(), s.API_TOKEN, 3 * s.LOOP_INTERVAL_SEC)
         server = ApiServer(s.HTTP_HOST, s.HTTP_PORT, ctx)
     until = (lambda: replay_market.finished) if replay_market else None
-    return App(bot, runner, board, server, until, replay_market, [store.close])
+    cleanup = [store.close] + ([lock.release] if lock else [])
+    return App(bot, runner, board, server, until, replay_market, cleanup, lock)
+
+
+def _lock_store(db_path: str, mode: str, s: Settings) -> StoreLock:
+    """Refuse a second bot on one SQLite store, before anything is written to it."""
+    return StoreLock.acquire(db_path, mode=mode, host=s.HTTP_HOST, now=time.time())
 
 
 def _paper_rules(s: Settings, client: KrakenPublicClient) -> PairRules:
@@ -299,8 +328,11 @@ def _live_grid(s: Settings, clock: WallClock, store: Store) -> GridRunner:
     )
 
 
-def _sim_resume_time(store: Store, s: Settings) -> float:
-    """A simulation continues where its snapshot left off; the seed must match the store's."""
+def _sim_resume_time(store: Store, s: Settings, *, restore_previous: bool = False) -> float:
+    """A simulation continues where the snapshot it restores left off; the seed must match the store's.
+
+    An unreadable snapshot starts the clock at ``SIM_START``; the bot's start then refuses it.
+    """
     meta_key = "sim"
     meta = store.load_state(meta_key)
     if meta is None:
@@ -310,9 +342,13 @@ def _sim_resume_time(store: Store, s: Settings) -> float:
             f"this store holds a simulation with SIM_SEED={meta.get('seed')} and SIM_START={meta.get('start')}; "
             f"use another --db for SIM_SEED={s.SIM_SEED} / SIM_START={s.SIM_START}"
         )
-    snap = store.load_state(f"snapshot:{s.PAIR}")
+    try:
+        snap = store.load_state(previous_key(s.PAIR) if restore_previous else current_key(s.PAIR))
+    except BadData:
+        snap = None
     saved = snap.get("saved_at") if snap else None
-    return float(saved) if isinstance(saved, (int, float)) and saved > s.SIM_START else float(s.SIM_START)
+    usable = isinstance(saved, (int, float)) and math.isfinite(saved) and saved > s.SIM_START
+    return float(saved) if usable else float(s.SIM_START)
 
 
 # A batch handles these itself; every other flag the user gave reaches its workers.
@@ -397,10 +433,13 @@ def run(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGINT, on_signal)
     code = 0
     try:
-        app.bot.start()
+        recovery = "previous" if args.restore_previous else "discard" if args.discard_snapshot else None
+        app.bot.start(recovery)
         app.runner.publish()  # the API answers with the restored state from its first request
         if app.server:
             port = app.server.start()
+            if app.lock is not None:
+                app.lock.update(port=port)
             log.info(
                 "dashboard on http://%s:%d/ (mode %s, pair %s)", settings.HTTP_HOST, port, app.bot.mode, settings.PAIR
             )

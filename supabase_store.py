@@ -54,7 +54,7 @@ from supabase import ClientOptions, create_client
 
 from candles import Candle
 from errors import BadData, ConfigError, RetryLater
-from store import FILL_COLUMNS, OPINION_COLUMNS, SCHEMA, TRANSITION_COLUMNS, store_status
+from store import FILL_COLUMNS, OPINION_COLUMNS, SCHEMA, TRANSITION_COLUMNS, state_document, store_status
 
 log = logging.getLogger(__name__)
 
@@ -368,19 +368,45 @@ class SupabaseStore:
             return None
         data = rows[0].get("data")
         if isinstance(data, str):  # a json/text column instead of jsonb
-            try:
-                data = json.loads(data)
-            except json.JSONDecodeError:
-                log.error("bot_state %r is not valid JSON; ignoring it", key)
-                return None
-        return (data, float(rows[0].get("updated_at") or 0.0)) if isinstance(data, dict) else None
+            data = state_document(key, data)
+        elif not isinstance(data, dict):
+            raise BadData(f"bot_state {key!r} holds a JSON {type(data).__name__}, not an object")
+        return data, float(rows[0].get("updated_at") or 0.0)
 
-    def save_state(self, key: str, data: dict[str, Any], updated_at: float) -> None:
+    def save_state(self, key: str, data: dict[str, Any], updated_at: float, *, previous_key: str | None = None) -> None:
         # Serialised first, exactly as SQLite's store does: NaN raises ValueError before anything is sent.
         document = json.loads(json.dumps(data, separators=(",", ":"), allow_nan=False))
-        row = {"key": key, "data": document, "updated_at": float(updated_at)}
+        rows = [{"key": key, "data": document, "updated_at": float(updated_at)}]
+        if previous_key is not None:
+            replaced = self._state_row(key)
+            if replaced is not None:  # both rows in one upsert: one statement, one transaction
+                rows.insert(0, {**replaced, "key": previous_key})
         with self._faults("saving the state"):
-            self._table(STATE).upsert(row, on_conflict="key", returning="minimal").execute()
+            self._table(STATE).upsert(rows, on_conflict="key", returning="minimal").execute()
+
+    def copy_state(self, key: str, to_key: str, *, remove: bool = False) -> bool:
+        """As :meth:`store.SQLiteStore.copy_state`, in two requests: the copy lands before the original goes."""
+        row = self._state_row(key)
+        if row is None:
+            return False
+        with self._faults("copying the state"):
+            self._table(STATE).upsert({**row, "key": to_key}, on_conflict="key", returning="minimal").execute()
+        if remove:
+            self.delete_state(key)
+        return True
+
+    def delete_state(self, key: str) -> None:
+        """Remove the row under ``key`` (the mirror's outbox replays a move with it)."""
+        with self._faults("deleting the state"):
+            self._table(STATE).delete(returning="minimal").eq("key", key).execute()
+
+    def _state_row(self, key: str) -> dict[str, Any] | None:
+        with self._faults("reading the state"):
+            rows = self._rows(
+                self._table(STATE).select("data,updated_at").eq("key", key).limit(1).execute().data,
+                "reading the state",
+            )
+        return rows[0] if rows else None
 
     # events -----------------------------------------------------------------------
 
