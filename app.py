@@ -44,6 +44,7 @@ from replay import ReplayMarket, replay_report, strategies_report
 from replay_plot import write_plot
 from snapshots import current_key, previous_key
 from store import SQLiteStore, Store, StoreLock
+from supabase_store import StoreLease, SupabaseStore
 from trades_backfill import TradesBackfill
 
 log = logging.getLogger("bot")
@@ -155,6 +156,8 @@ class App:
     replay: ReplayMarket | None = None
     cleanup: list[Callable[[], None]] = field(default_factory=list)
     lock: StoreLock | None = None  # one bot per SQLite store
+    lease: StoreLease | None = None  # one bot per pair on a Supabase project
+    lost: list[str] = field(default_factory=list)  # why the lease was lost (the bot then stops)
 
 
 def build_app(args: argparse.Namespace, settings: Settings, stop_event: threading.Event) -> App:
@@ -163,6 +166,7 @@ def build_app(args: argparse.Namespace, settings: Settings, stop_event: threadin
     if args.live and live_problems(s):
         raise ConfigError("; ".join(live_problems(s)))
     truth = None
+    lease = None
     replay_market = None
     backfill = None  # only Kraken serves trades
     grid = None  # the paper grid unless live
@@ -203,6 +207,7 @@ def build_app(args: argparse.Namespace, settings: Settings, stop_event: threadin
             rules = _paper_rules(s, market)
         lock = _lock_store(args.db or s.DB_PATH, "live" if args.live else "paper", s)
         try:
+            lease = _take_lease(s, args.db or s.DB_PATH, clock.now)  # before the mirror sends anything
             store = open_store(s, clock.now, args.db or s.DB_PATH)
         except BaseException:
             lock.release()
@@ -248,8 +253,35 @@ def build_app(args: argparse.Namespace, settings: Settings, stop_event: threadin
         ctx = ApiContext(board, router, dashboard.render_page(), s.API_TOKEN, 3 * s.LOOP_INTERVAL_SEC)
         server = ApiServer(s.HTTP_HOST, s.HTTP_PORT, ctx)
     until = (lambda: replay_market.finished) if replay_market else None
-    cleanup = [store.close] + ([lock.release] if lock else [])
-    return App(bot, runner, board, server, until, replay_market, cleanup, lock)
+    cleanup = ([lease.release, lease.client.close] if lease else []) + [store.close] + ([lock.release] if lock else [])
+    app = App(bot, runner, board, server, until, replay_market, cleanup, lock, lease)
+    if lease is not None:
+
+        def lost(message: str) -> None:  # another bot holds the pair now: stop, and leave its snapshot alone
+            log.error("%s: stopping", message)
+            bot.record_error("store", message, clock.now())
+            app.lost.append(message)
+            stop_event.set()
+
+        lease.on_lost = lost
+        lease.start()
+    return app
+
+
+def _take_lease(s: Settings, db_path: str, now: Callable[[], float]) -> StoreLease | None:
+    """With Supabase, the pair's lease; an unreachable Supabase defers it (the lease's thread takes it later)."""
+    if not (s.SUPABASE_URL and s.SUPABASE_KEY):
+        return None
+    client = SupabaseStore(s.SUPABASE_URL, s.SUPABASE_KEY, timeout=s.SUPABASE_TIMEOUT_SEC)
+    lease = StoreLease(client, s.PAIR, store=str(Path(db_path).resolve()), now=now)
+    try:
+        lease.acquire()
+    except RetryLater as exc:
+        log.warning("Supabase does not answer (%s): the bot lease on %s is taken once it does", exc, s.PAIR)
+    except BaseException:
+        client.close()
+        raise
+    return lease
 
 
 def _lock_store(db_path: str, mode: str, s: Settings) -> StoreLock:
@@ -440,6 +472,9 @@ def run(argv: list[str] | None = None) -> int:
             port = app.server.start()
             if app.lock is not None:
                 app.lock.update(port=port)
+            if app.lease is not None:  # the lease names the port too (a refused bot shows it)
+                app.lease.port = port
+                app.lease.tick()
             log.info(
                 "dashboard on http://%s:%d/ (mode %s, pair %s)", settings.HTTP_HOST, port, app.bot.mode, settings.PAIR
             )
@@ -449,7 +484,10 @@ def run(argv: list[str] | None = None) -> int:
         wall_started = time.perf_counter()
         app.runner.run(until)
         wall_sec = time.perf_counter() - wall_started
-        app.bot.shutdown()
+        app.bot.shutdown(save=not app.lost)
+        if app.lost:
+            print(f"bot.py: {app.lost[0]}; stopped", file=sys.stderr)
+            code = 2
         if app.replay and outcome is not None:
             complete = app.replay.finished
             report = _finish_replay(app, args, wall_sec)

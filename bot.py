@@ -257,11 +257,13 @@ class Bot:
         if self.store.copy_state(self.snapshot_key, aside, remove=True):
             log.warning("the snapshot %s was moved aside to %s", self.snapshot_key, aside)
 
-    def shutdown(self) -> None:
+    def shutdown(self, *, save: bool = True) -> None:
+        """Stop the workers and write the snapshot (not when another bot now owns the store: ``save=False``)."""
         if self.backfill is not None:
             self.backfill.stop()
         self.advisor.stop()
-        self.save_snapshot(self.clock.now())
+        if save:
+            self.save_snapshot(self.clock.now())
 
     # the cycle ----------------------------------------------------------------
 

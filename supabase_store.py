@@ -41,7 +41,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
+import secrets
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -63,7 +66,25 @@ STATE = "bot_state"
 TRANSITIONS = "regime_tier_transitions"
 OPINIONS = "ai_regime_opinions"
 FILLS = "fills"
-TABLES = (CANDLES, STATE, TRANSITIONS, OPINIONS, FILLS)
+LEASES = "bot_leases"
+TABLES = (CANDLES, STATE, TRANSITIONS, OPINIONS, FILLS, LEASES)
+LEASE_COLUMNS = ("pair", "holder", "host", "store", "pid", "port", "acquired_at", "expires_at")
+# The lease table as SQLite DDL (db/supabase_schema.sql has it for Postgres): the local PostgREST of the tests.
+LEASE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS bot_leases (
+    pair TEXT PRIMARY KEY,
+    holder TEXT NOT NULL,
+    host TEXT NOT NULL,
+    store TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    port INTEGER,
+    acquired_at REAL NOT NULL,
+    expires_at REAL NOT NULL
+);
+"""
+LEASE_TTL_SEC = 90.0
+LEASE_RENEW_SEC = 30.0
+LEASE_RETRY_SEC = 2.0  # while not held (Supabase was unreachable at start): how often to try again
 CANDLE_COLUMNS = ("time", "open", "high", "low", "close", "volume", "trade_count")
 CANDLE_KEY = "pair,interval_min,time"
 SCHEMA_FILE = "db/supabase_schema.sql"
@@ -138,7 +159,7 @@ def _converters(sql: str) -> dict[str, dict[str, Callable[[Any], Any]]]:
     return table_converters
 
 
-CONVERTERS = _converters(SCHEMA)
+CONVERTERS = _converters(SCHEMA + LEASE_SCHEMA)
 
 
 def coerce_row(table: str, row: dict[str, Any]) -> dict[str, Any]:
@@ -260,6 +281,7 @@ class SupabaseStore:
             TRANSITIONS: ("id", *TRANSITION_COLUMNS),
             OPINIONS: (*OPINION_COLUMNS, "price_after", "hit"),
             FILLS: FILL_COLUMNS,
+            LEASES: LEASE_COLUMNS,
         }
         for table, names in columns.items():
             with self._faults(f"checking table {table}"):
@@ -478,3 +500,139 @@ class SupabaseStore:
 
     def close(self) -> None:
         self._http.close()
+
+
+class StoreLease:
+    """One bot per pair on a Supabase project: a row of ``bot_leases`` with an expiry, renewed while the bot runs.
+
+    :meth:`acquire` inserts the row (``ignore-duplicates``: of two machines racing, one insert lands) or
+    takes it over with a conditional update: where it has expired (``expires_at=lt.now``), or where its
+    holder ran on this host with this same store file (that holder is gone: this process holds the
+    file's lock). Postgres evaluates the condition under the row's lock, so two machines cannot both win.
+    A live holder elsewhere is refused (:class:`ConfigError` naming it). A thread renews the row every
+    ``renew_sec`` (:meth:`start`); :meth:`release` deletes it at a clean shutdown, and a crashed
+    holder's row runs out after ``ttl_sec``. While Supabase is unreachable the bot runs on (Supabase is
+    never a reason to stop trading) and the thread acquires once it answers; ``on_lost`` is called
+    when another bot holds the pair by then, or took it over after this one failed to renew in time.
+    """
+
+    def __init__(
+        self,
+        client: SupabaseStore,
+        pair: str,
+        *,
+        store: str,
+        now: Callable[[], float],
+        ttl_sec: float = LEASE_TTL_SEC,
+        renew_sec: float = LEASE_RENEW_SEC,
+    ) -> None:
+        self.client, self.pair, self.now = client, pair, now
+        self.ttl_sec, self.renew_sec = ttl_sec, renew_sec
+        self.host, self.pid = socket.gethostname(), os.getpid()
+        self.holder = f"{self.host}:{self.pid}:{secrets.token_hex(4)}"
+        self.store = store
+        self.port: int | None = None
+        self.held = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.on_lost: Callable[[str], None] = lambda message: None
+
+    def _table(self) -> SyncRequestBuilder:
+        return self.client._table(LEASES)
+
+    def _row(self, now: float) -> dict[str, Any]:
+        return {
+            "pair": self.pair, "holder": self.holder, "host": self.host, "store": self.store, "pid": self.pid,
+            "port": self.port, "acquired_at": now, "expires_at": now + self.ttl_sec,
+        }  # fmt: skip
+
+    def acquire(self) -> None:
+        """Hold the pair's lease; :class:`ConfigError` naming the holder when another bot holds it.
+
+        :class:`RetryLater` when Supabase does not answer (the caller may go on and :meth:`start`).
+        """
+        now = self.now()
+        row, current = self._row(now), None
+        with self.client._faults("taking the bot lease"):
+            won = self._table().upsert(row, on_conflict="pair", ignore_duplicates=True).execute().data
+            if not won:
+                won = self._table().update(row).eq("pair", self.pair).lt("expires_at", now).execute().data
+            if not won:
+                current = self._holder()
+                if current and current.get("host") == self.host and current.get("store") == self.store:
+                    won = self._table().update(row).eq("pair", self.pair).eq("holder", current["holder"]).execute().data
+        if not won:
+            raise ConfigError(self._refusal(current, now))
+        self.held = True
+        log.info("bot lease on %s taken in Supabase (holder %s, valid %.0f s)", self.pair, self.holder, self.ttl_sec)
+
+    def _holder(self) -> dict[str, Any] | None:
+        rows = self.client._rows(
+            self._table().select(",".join(LEASE_COLUMNS)).eq("pair", self.pair).limit(1).execute().data,
+            "reading the bot lease",
+        )
+        return rows[0] if rows else None
+
+    def _refusal(self, current: dict[str, Any] | None, now: float) -> str:
+        if not current:
+            return f"the bot lease on {self.pair} in Supabase changed hands while it was taken; start again"
+        port = current.get("port")
+        return (
+            f"another bot (PID {current.get('pid')} on {current.get('host')}, dashboard port "
+            f"{port if port is not None else 'not bound yet'}, store {current.get('store')}) holds {self.pair} in "
+            f"Supabase for {max(0.0, float(current['expires_at']) - now):.0f} s more; stop it first, or wait "
+            f"{self.ttl_sec:.0f} s if it crashed"
+        )
+
+    def renew(self) -> bool:
+        """Extend the lease (and record the port); False when another bot has taken it over."""
+        now = self.now()
+        with self.client._faults("renewing the bot lease"):
+            kept = (
+                self._table()
+                .update({"expires_at": now + self.ttl_sec, "port": self.port})
+                .eq("pair", self.pair)
+                .eq("holder", self.holder)
+                .execute()
+                .data
+            )
+        self.held = bool(kept)
+        return self.held
+
+    def release(self) -> None:
+        """Stop renewing and delete the row (only if still ours); an unreachable Supabase lets it run out."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self.client.timeout + 5)
+        if not self.held:
+            return
+        try:
+            with self.client._faults("releasing the bot lease"):
+                self._table().delete(returning="minimal").eq("pair", self.pair).eq("holder", self.holder).execute()
+            self.held = False
+            log.info("bot lease on %s released", self.pair)
+        except (RetryLater, ConfigError, BadData) as exc:
+            log.warning("the bot lease on %s could not be released (%s); it runs out by itself", self.pair, exc)
+
+    def start(self) -> None:
+        """Renew every ``renew_sec`` in a daemon thread (after an outage at start: acquire, every few seconds)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="bot-lease", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.renew_sec if self.held else min(self.renew_sec, LEASE_RETRY_SEC)):
+            self.tick()
+
+    def tick(self) -> None:
+        """One renewal (the thread's step; tests call it directly)."""
+        try:
+            if self.held:
+                if not self.renew():
+                    self.on_lost(f"the bot lease on {self.pair} in Supabase was taken over by another bot")
+            else:
+                self.acquire()
+        except ConfigError as exc:
+            self.on_lost(str(exc))
+        except (RetryLater, BadData) as exc:
+            log.warning("bot lease on %s not renewed (%s); trying again in %.0f s", self.pair, exc, self.renew_sec)
