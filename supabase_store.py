@@ -66,8 +66,8 @@ STATE = "bot_state"
 TRANSITIONS = "regime_tier_transitions"
 OPINIONS = "ai_regime_opinions"
 FILLS = "fills"
-LEASES = "bot_leases"
-TABLES = (CANDLES, STATE, TRANSITIONS, OPINIONS, FILLS, LEASES)
+TABLES = (CANDLES, STATE, TRANSITIONS, OPINIONS, FILLS)  # the store's (the SQLite file has the same)
+LEASES = "bot_leases"  # Supabase only: which bot runs a pair
 LEASE_COLUMNS = ("pair", "holder", "host", "store", "pid", "port", "acquired_at", "expires_at")
 # The lease table as SQLite DDL (db/supabase_schema.sql has it for Postgres): the local PostgREST of the tests.
 LEASE_SCHEMA = """

@@ -1,10 +1,15 @@
-"""The checks a restored snapshot must pass (pure: a document and ``now`` in, a refusal naming a path out)."""
+"""The checks a restored snapshot must pass (pure: a document and ``now`` in, a refusal naming a path out),
+and the model parameters its owner refuses."""
 
 import math
 
+import numpy as np
 import pytest
 from test_snapshot_restore import SAVED_AT, good_snapshot
 
+from hmm_regime_detector import RegimeDetector, _pack, _unpack
+from market_sim import generate
+from model_slot import ModelSlot, SlotSpec
 from snapshots import MAX_AMOUNT, SnapshotInvalid, check_snapshot, distrust_message
 
 NOW = SAVED_AT + 60
@@ -81,3 +86,41 @@ def test_the_refusal_says_how_to_recover():
         "Nothing was changed. Start from the previous snapshot the bot kept with --restore-previous, or from "
         "scratch with --discard-snapshot (either moves this one aside to snapshot:X:rejected:<time>, not deleted)"
     )
+
+
+@pytest.fixture(scope="module")
+def trained_slot_snapshot():
+    slot = ModelSlot(SlotSpec("primary", 1, target=4000, min_samples=500, retrain_interval_sec=86_400), RegimeDetector)
+    candles, _ = generate(1500, seed=3)
+    assert slot.train(candles, SAVED_AT, "initial").ok
+    return slot.snapshot()
+
+
+def repacked(snap: dict, field: str, change) -> dict:
+    model = dict(snap["model"])
+    arr = _unpack(model[field])
+    model[field] = _pack(change(arr))
+    return {**snap, "model": model}
+
+
+@pytest.mark.parametrize(
+    ("field", "change", "problem"),
+    [
+        ("startprob", lambda a: a * 2, "startprob is not a probability vector"),
+        ("transmat", lambda a: a[:, ::-1] - np.eye(3) * 0.5, "transmat rows do not sum to 1"),
+        ("means", lambda a: np.where(a == a[0, 0], np.nan, a), "field means is malformed"),
+        ("covars", lambda a: a[:2], "field covars is malformed"),
+    ],
+)
+def test_model_parameters_that_are_not_a_model_refuse_the_snapshot(trained_slot_snapshot, field, change, problem):
+    slot = ModelSlot(SlotSpec("primary", 1, target=4000, min_samples=500, retrain_interval_sec=86_400), RegimeDetector)
+    assert ModelSlot(slot.spec, RegimeDetector).restore(trained_slot_snapshot) is True  # the unspoilt one loads
+    with pytest.raises(ValueError, match=f"primary model: model snapshot {problem}"):
+        slot.restore(repacked(trained_slot_snapshot, field, change))
+    assert not slot.trained  # untouched
+
+
+def test_a_model_of_another_version_is_retrained_not_refused(trained_slot_snapshot):
+    slot = ModelSlot(SlotSpec("primary", 1, target=4000, min_samples=500, retrain_interval_sec=86_400), RegimeDetector)
+    older = {**trained_slot_snapshot, "model": {**trained_slot_snapshot["model"], "version": 0}}
+    assert slot.restore(older) is False and not slot.trained
