@@ -5,6 +5,7 @@ import math
 
 import numpy as np
 import pytest
+from conftest import make_sim_bot
 from test_snapshot_restore import SAVED_AT, good_snapshot
 
 from hmm_regime_detector import RegimeDetector, _pack, _unpack
@@ -124,3 +125,19 @@ def test_a_model_of_another_version_is_retrained_not_refused(trained_slot_snapsh
     slot = ModelSlot(SlotSpec("primary", 1, target=4000, min_samples=500, retrain_interval_sec=86_400), RegimeDetector)
     older = {**trained_slot_snapshot, "model": {**trained_slot_snapshot["model"], "version": 0}}
     assert slot.restore(older) is False and not slot.trained
+
+
+def test_a_snapshot_holding_nan_is_not_written_and_the_error_is_recorded_not_raised(tmp_path):
+    bot = make_sim_bot(tmp_path / "n.sqlite3")
+    try:
+        bot.tick()
+        kept = bot.store.load_state("snapshot:XDGUSD")
+        bot.pinned_since = math.nan  # whatever produced it, the store must never hold it
+        bot.save_snapshot(bot.clock.now() + 60)
+        assert bot.store.load_state("snapshot:XDGUSD") == kept
+        error = bot.status()["health"]["errors"][0]
+        assert error["source"] == "store" and error["message"] == (
+            "snapshot not saved: pinned_since is nan, not a finite number"
+        )
+    finally:
+        bot.store.close()
