@@ -42,7 +42,9 @@ from mirrored_store import open_store
 from pair_rules import describe_rules, kraken_table_rules, replay_pair, replay_table_pair, sim_pair
 from replay import ReplayMarket, replay_report, strategies_report
 from replay_plot import write_plot
-from store import SQLiteStore, Store
+from snapshots import current_key, previous_key
+from store import SQLiteStore, Store, StoreLock
+from supabase_store import StoreLease, SupabaseStore
 from trades_backfill import TradesBackfill
 
 log = logging.getLogger("bot")
@@ -122,6 +124,19 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="serve the dashboard during a replay and keep it up after it ends (until Ctrl-C)",
     )
+    recovery = p.add_mutually_exclusive_group()
+    recovery.add_argument(
+        "--restore-previous",
+        action="store_true",
+        help="start from the snapshot kept under snapshot:PAIR:previous (the one the last save replaced) "
+        "when the current one is refused; the refused one is moved aside to snapshot:PAIR:rejected:<time>",
+    )
+    recovery.add_argument(
+        "--discard-snapshot",
+        action="store_true",
+        help="start from scratch, without the pair's snapshot; it is moved aside to "
+        "snapshot:PAIR:rejected:<time>, not deleted",
+    )
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (LOG_LEVEL)")
     p.add_argument(
         "--env-file",
@@ -144,6 +159,9 @@ class App:
     until: Callable[[], bool] | None = None
     replay: ReplayMarket | None = None
     cleanup: list[Callable[[], None]] = field(default_factory=list)
+    lock: StoreLock | None = None  # one bot per SQLite store
+    lease: StoreLease | None = None  # one bot per pair on a Supabase project
+    lost: list[str] = field(default_factory=list)  # why the lease was lost (the bot then stops)
 
 
 def build_app(args: argparse.Namespace, settings: Settings, stop_event: threading.Event) -> App:
@@ -152,24 +170,28 @@ def build_app(args: argparse.Namespace, settings: Settings, stop_event: threadin
     if args.live and live_problems(s):
         raise ConfigError("; ".join(live_problems(s)))
     truth = None
+    lease = None
     replay_market = None
     backfill = None  # only Kraken serves trades
     grid = None  # the paper grid unless live
     rules: PairRules | None = None  # the paper grids' order rules
     interval = s.LOOP_INTERVAL_SEC
+    lock = None
     if args.replay:
         candles = read_candles_csv(args.replay)
         pair, rules, source = replay_pair(args.replay, candles, args.pair, s)
         s = replace(s, PAIR=pair)
         log.info("replay of %s as %s, rules from the %s: %s", args.replay, pair, source, describe_rules(rules))
+        lock = _lock_store(args.db, "replay", s) if args.db else None
         store = SQLiteStore(args.db or ":memory:")
         clock = SimClock(candles[0].time + 60, math.inf, stop_event)
         replay_market = ReplayMarket(clock, candles)
         market: MarketData = replay_market
         mode, interval = "replay", 60.0  # one cycle per candle
     elif args.market == "sim":
+        lock = _lock_store(args.db or SIM_DB_DEFAULT, "sim", s)
         store = SQLiteStore(args.db or SIM_DB_DEFAULT)
-        start = _sim_resume_time(store, s)
+        start = _sim_resume_time(store, s, restore_previous=args.restore_previous)
         clock = SimClock(start, s.SIM_SPEED, stop_event)
         rules, start_price = sim_pair(s.PAIR, SimParams().start_price, s.GRID_MAKER_FEE_PCT)
         params = SimParams(start_price=start_price, price_decimals=rules.price_decimals)
@@ -187,7 +209,13 @@ def build_app(args: argparse.Namespace, settings: Settings, stop_event: threadin
         )
         if not args.live:  # before the store opens: an unknown pair stops the start touching nothing
             rules = _paper_rules(s, market)
-        store = open_store(s, clock.now, args.db or s.DB_PATH)
+        lock = _lock_store(args.db or s.DB_PATH, "live" if args.live else "paper", s)
+        try:
+            lease = _take_lease(s, args.db or s.DB_PATH, clock.now)  # before the mirror sends anything
+            store = open_store(s, clock.now, args.db or s.DB_PATH)
+        except BaseException:
+            lock.release()
+            raise
         mode = "live" if args.live else "paper"
         if args.live:
             grid = _live_grid(s, clock, store)
@@ -237,7 +265,40 @@ def build_app(args: argparse.Namespace, settings: Settings, stop_event: threadin
         )
         server = ApiServer(s.HTTP_HOST, s.HTTP_PORT, ctx)
     until = (lambda: replay_market.finished) if replay_market else None
-    return App(bot, runner, board, server, until, replay_market, [store.close])
+    cleanup = ([lease.release, lease.client.close] if lease else []) + [store.close] + ([lock.release] if lock else [])
+    app = App(bot, runner, board, server, until, replay_market, cleanup, lock, lease)
+    if lease is not None:
+
+        def lost(message: str) -> None:  # another bot holds the pair now: stop, and leave its snapshot alone
+            log.error("%s: stopping", message)
+            bot.record_error("store", message, clock.now())
+            app.lost.append(message)
+            stop_event.set()
+
+        lease.on_lost = lost
+        lease.start()
+    return app
+
+
+def _take_lease(s: Settings, db_path: str, now: Callable[[], float]) -> StoreLease | None:
+    """With Supabase, the pair's lease; an unreachable Supabase defers it (the lease's thread takes it later)."""
+    if not (s.SUPABASE_URL and s.SUPABASE_KEY):
+        return None
+    client = SupabaseStore(s.SUPABASE_URL, s.SUPABASE_KEY, timeout=s.SUPABASE_TIMEOUT_SEC)
+    lease = StoreLease(client, s.PAIR, store=str(Path(db_path).resolve()), now=now)
+    try:
+        lease.acquire()
+    except RetryLater as exc:
+        log.warning("Supabase does not answer (%s): the bot lease on %s is taken once it does", exc, s.PAIR)
+    except BaseException:
+        client.close()
+        raise
+    return lease
+
+
+def _lock_store(db_path: str, mode: str, s: Settings) -> StoreLock:
+    """Refuse a second bot on one SQLite store, before anything is written to it."""
+    return StoreLock.acquire(db_path, mode=mode, host=s.HTTP_HOST, now=time.time())
 
 
 def _paper_rules(s: Settings, client: KrakenPublicClient) -> PairRules:
@@ -311,8 +372,11 @@ def _live_grid(s: Settings, clock: WallClock, store: Store) -> GridRunner:
     )
 
 
-def _sim_resume_time(store: Store, s: Settings) -> float:
-    """A simulation continues where its snapshot left off; the seed must match the store's."""
+def _sim_resume_time(store: Store, s: Settings, *, restore_previous: bool = False) -> float:
+    """A simulation continues where the snapshot it restores left off; the seed must match the store's.
+
+    An unreadable snapshot starts the clock at ``SIM_START``; the bot's start then refuses it.
+    """
     meta_key = "sim"
     meta = store.load_state(meta_key)
     if meta is None:
@@ -322,9 +386,13 @@ def _sim_resume_time(store: Store, s: Settings) -> float:
             f"this store holds a simulation with SIM_SEED={meta.get('seed')} and SIM_START={meta.get('start')}; "
             f"use another --db for SIM_SEED={s.SIM_SEED} / SIM_START={s.SIM_START}"
         )
-    snap = store.load_state(f"snapshot:{s.PAIR}")
+    try:
+        snap = store.load_state(previous_key(s.PAIR) if restore_previous else current_key(s.PAIR))
+    except BadData:
+        snap = None
     saved = snap.get("saved_at") if snap else None
-    return float(saved) if isinstance(saved, (int, float)) and saved > s.SIM_START else float(s.SIM_START)
+    usable = isinstance(saved, (int, float)) and math.isfinite(saved) and saved > s.SIM_START
+    return float(saved) if usable else float(s.SIM_START)
 
 
 # A batch handles these itself; every other flag the user gave reaches its workers.
@@ -413,10 +481,16 @@ def run(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGINT, on_signal)
     code = 0
     try:
-        app.bot.start()
+        recovery = "previous" if args.restore_previous else "discard" if args.discard_snapshot else None
+        app.bot.start(recovery)
         app.runner.publish()  # the API answers with the restored state from its first request
         if app.server:
             port = app.server.start()
+            if app.lock is not None:
+                app.lock.update(port=port)
+            if app.lease is not None:  # the lease names the port too (a refused bot shows it)
+                app.lease.port = port
+                app.lease.tick()
             log.info(
                 "dashboard on http://%s:%d/ (mode %s, pair %s)", settings.HTTP_HOST, port, app.bot.mode, settings.PAIR
             )
@@ -426,7 +500,10 @@ def run(argv: list[str] | None = None) -> int:
         wall_started = time.perf_counter()
         app.runner.run(until)
         wall_sec = time.perf_counter() - wall_started
-        app.bot.shutdown()
+        app.bot.shutdown(save=not app.lost)
+        if app.lost:
+            print(f"bot.py: {app.lost[0]}; stopped", file=sys.stderr)
+            code = 2
         if app.replay and outcome is not None:
             complete = app.replay.finished
             report = _finish_replay(app, args, wall_sec)

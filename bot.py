@@ -30,7 +30,7 @@ from direction_skill import from_dict as skill_from_dict
 from direction_skill import observe as observe_call
 from direction_skill import status as skill_status
 from direction_skill import to_dict as skill_to_dict
-from errors import ConfigError, RetryLater
+from errors import BadData, ConfigError, RetryLater
 from exchange import PairRules
 from grid_engine import Posture
 from grid_runner import GridRunner, paper_grid
@@ -50,6 +50,15 @@ from regime_policy import (
     next_tier,
     policy_signal,
 )
+from snapshots import (
+    SNAPSHOT_VERSION,
+    SnapshotInvalid,
+    check_snapshot,
+    current_key,
+    distrust_message,
+    previous_key,
+    rejected_key,
+)
 from status import (
     advisor_facts,
     consensus_block,
@@ -59,12 +68,11 @@ from status import (
     policy_block,
     regime_tier_block,
 )
-from store import Store
+from store import Store, first_non_finite
 from trades_backfill import TradesBackfill
 
 log = logging.getLogger("bot")
 
-SNAPSHOT_VERSION = 1
 SIM_DB_DEFAULT = "data/sim.sqlite3"
 PRICE_HISTORY_LEN = 240
 MAX_RETRAIN_RECORDS = 2000
@@ -150,7 +158,7 @@ class Bot:
         s = settings
         self.settings, self.mode, self.clock, self.market, self.store = s, mode, clock, market, store
         self._truth = truth
-        self.snapshot_key = f"snapshot:{s.PAIR}"
+        self.snapshot_key = current_key(s.PAIR)
 
         self.primary, self.secondary = model_slots(s)
         cadence = {1: s.HMM_OHLCV_SYNC_INTERVAL_SEC, 15: s.HMM_SECONDARY_SYNC_INTERVAL_SEC}
@@ -208,19 +216,60 @@ class Bot:
 
     # lifecycle ----------------------------------------------------------------
 
-    def start(self) -> None:
-        """Restore the snapshot (tier state, models) and prime the candle pipeline."""
+    def start(self, recovery: str | None = None) -> None:
+        """Restore the snapshot (tier state, models) and prime the candle pipeline.
+
+        A snapshot that cannot be trusted stops the start (:class:`ConfigError`, naming what is wrong
+        and the recovery flags). ``recovery``: ``"previous"`` restores the copy kept under
+        ``snapshot:PAIR:previous`` and makes it current; ``"discard"`` starts from scratch. Either way
+        the current snapshot is moved aside to ``snapshot:PAIR:rejected:<time>``, never deleted.
+        """
+        now = self.clock.now()
+        key = previous_key(self.settings.PAIR) if recovery == "previous" else self.snapshot_key
+        if recovery == "discard":
+            self._move_aside(now)
+            snap = None
+        else:
+            snap = self._load_snapshot(key, now)
         self.pipeline.prime()
-        snap = self.store.load_state(self.snapshot_key)
-        if snap:
-            self._restore(snap)
+        if snap is not None:
+            try:
+                self._restore(snap)
+            except (SnapshotInvalid, BadData, KeyError, TypeError, ValueError) as exc:
+                raise ConfigError(self._distrust(key, exc)) from exc
+        if recovery == "previous":
+            self._move_aside(now)
+            self.store.copy_state(key, self.snapshot_key)
+            log.warning("started from the previous snapshot %s (saved at %s)", key, iso_utc(snap["saved_at"]))
         self.advisor.start()
 
-    def shutdown(self) -> None:
+    def _load_snapshot(self, key: str, now: float) -> dict[str, Any] | None:
+        try:
+            snap = self.store.load_state(key)
+            if snap is None and key != self.snapshot_key:
+                raise BadData(f"no previous snapshot is kept under {key!r}")
+            if snap is not None:
+                check_snapshot(snap, pair=self.settings.PAIR, now=now)
+        except (BadData, SnapshotInvalid) as exc:
+            raise ConfigError(self._distrust(key, exc)) from exc
+        return snap
+
+    def _distrust(self, key: str, exc: Exception) -> str:
+        status = self.store.status()
+        return distrust_message(key, self.snapshot_key, status.get("local_path") or status["backend"], exc)
+
+    def _move_aside(self, now: float) -> None:
+        aside = rejected_key(self.settings.PAIR, now)
+        if self.store.copy_state(self.snapshot_key, aside, remove=True):
+            log.warning("the snapshot %s was moved aside to %s", self.snapshot_key, aside)
+
+    def shutdown(self, *, save: bool = True) -> None:
+        """Stop the workers and write the snapshot (not when another bot now owns the store: ``save=False``)."""
         if self.backfill is not None:
             self.backfill.stop()
         self.advisor.stop()
-        self.save_snapshot(self.clock.now())
+        if save:
+            self.save_snapshot(self.clock.now())
 
     # the cycle ----------------------------------------------------------------
 
@@ -528,15 +577,30 @@ class Bot:
     def save_snapshot(self, now: float) -> None:
         with self._save_lock:
             snap = self.snapshot(now)
-            try:
-                self.store.save_state(self.snapshot_key, snap, now)
-            except RetryLater as exc:  # keep going; the next cycle tries again
-                self._save_error = str(exc)
-                self.record_error("store", str(exc), now)
-                log.error("%s", exc)
+            if not self._write_snapshot(snap, now):
                 return
-            self._saved_snapshot = snap
         self._last_snapshot_at, self._dirty, self._save_error = now, False, None
+
+    def _write_snapshot(self, snap: dict[str, Any], now: float) -> bool:
+        """Save ``snap``, keeping the one it replaces as ``snapshot:PAIR:previous`` (same transaction).
+
+        What is replaced was written or restore-checked by this process, so the kept copy is a good one.
+        """
+        bad = first_non_finite(snap)
+        if bad is not None:  # never written: the last good snapshot stays
+            self._save_error = f"snapshot not saved: {bad[0]} is {bad[1]!r}, not a finite number"
+            self.record_error("store", self._save_error, now)
+            log.error("snapshot not saved: %s is %r", *bad)
+            return False
+        try:
+            self.store.save_state(self.snapshot_key, snap, now, previous_key=previous_key(self.settings.PAIR))
+        except RetryLater as exc:  # keep going; the next cycle tries again
+            self._save_error = str(exc)
+            self.record_error("store", str(exc), now)
+            log.error("%s", exc)
+            return False
+        self._saved_snapshot = snap
+        return True
 
     def _save_advisor_change(self, now: float) -> bool:
         """Persist an operator action at once (HTTP thread): the last snapshot with the new advisor state.
@@ -550,36 +614,23 @@ class Bot:
             if base is None:
                 return False
             snap = {**base, "advisor": self.advisor.snapshot(), "saved_at": max(base["saved_at"], now)}
-            try:
-                self.store.save_state(self.snapshot_key, snap, now)
-            except RetryLater as exc:
-                self.record_error("store", str(exc), now)
-                return False
-            self._saved_snapshot = snap
-            return True
+            return self._write_snapshot(snap, now)
 
     def _restore(self, snap: dict[str, Any]) -> None:
-        if snap.get("version") != SNAPSHOT_VERSION or snap.get("pair") != self.settings.PAIR:
-            log.warning("ignoring a snapshot of version %r for pair %r", snap.get("version"), snap.get("pair"))
-            return
-        try:
-            t = snap["tier"]
-            tier = TierState(int(t["tier"]), str(t["direction"]), float(t["since"]))
-            if tier.tier not in (0, 1, 2) or tier.direction not in ("symmetric", "long_bias", "short_bias"):
-                raise ValueError(f"bad tier {t}")
-            self.tier_state = tier
-            self.pinned_since = float(snap.get("pinned_since", self.pinned_since))
-            log.info("tier state restored: tier %d %s since %s", tier.tier, tier.direction, iso_utc(tier.since))
-            for entry in snap.get("regime_history", []):
-                self.history.append(float(entry["ts"]), str(entry["regime"]), float(entry["conf"]))
-        except (KeyError, TypeError, ValueError) as exc:
-            log.warning("snapshot tier state unusable (%s); starting at tier 0", exc)
+        """Restore a snapshot :func:`snapshots.check_snapshot` accepted; a part its owner refuses raises."""
+        now = self.clock.now()
+        t = snap["tier"]
+        self.tier_state = TierState(int(t["tier"]), str(t["direction"]), float(t["since"]))
+        self.pinned_since = float(snap.get("pinned_since", self.pinned_since))
+        log.info("tier state restored: tier %d %s since %s", t["tier"], t["direction"], iso_utc(t["since"]))
+        for entry in snap.get("regime_history", []):
+            self.history.append(float(entry["ts"]), str(entry["regime"]), float(entry["conf"]))
         if snap.get("direction_skill") is not None:
             try:
-                self.skill = skill_from_dict(snap["direction_skill"], self.clock.now())
+                self.skill = skill_from_dict(snap["direction_skill"], now)
             except (KeyError, TypeError, ValueError) as exc:
-                log.warning("snapshot direction skill unusable (%s); the direction calls start a new record", exc)
-        self.advisor.restore(snap.get("advisor"), self.clock.now())
+                raise ValueError(f"direction_skill: {exc}") from None
+        self.advisor.restore(snap.get("advisor"), now)
         models = snap.get("models") or {}
         for slot in self.slots():
             if slot.restore(models.get(slot.spec.name)):
@@ -589,14 +640,14 @@ class Bot:
                     iso_utc(slot.trained_at),
                     slot.trained_candles,
                 )
-        self.history.trim(self.clock.now())
+        self.history.trim(now)
         if snap.get("grid"):
             try:
                 self.grid.restore(snap["grid"], self.pipeline.price())
-                log.info("grid restored: %d open orders", len(self.grid.state.orders) if self.grid.state else 0)
             except (KeyError, TypeError, ValueError) as exc:
                 # Never trade on a grid we cannot read: its orders may still rest on the exchange.
-                raise ConfigError(f"the snapshot's grid state is unusable ({exc}); fix or remove it") from exc
+                raise ValueError(f"grid: {exc}") from None
+            log.info("grid restored: %d open orders", len(self.grid.state.orders) if self.grid.state else 0)
 
     # status -------------------------------------------------------------------
 

@@ -789,14 +789,17 @@ def from_dict(data: Mapping[str, Any], config: GridConfig) -> GridState:
         if key in legs and (holder is None or holder in orders):
             legs[key] = holder
     for o in orders.values():
-        if not all(math.isfinite(v) for v in (o.price, o.volume)) or o.volume <= 0:
+        if not all(math.isfinite(v) for v in (o.price, o.volume)) or o.volume <= 0 or o.price <= 0:
             raise ValueError(f"order {o.id} has a bad price or volume")
+    balances = Balances(**data["balances"])
+    if not all(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0 for v in (balances.quote, balances.base)):
+        raise ValueError(f"the balances {balances} are not finite non-negative numbers")
     return GridState(
         posture=Posture(**data["posture"]),
         price=data.get("price"),
         regime=str(data.get("regime", "RANGING")),
         vol_pct=float(data["vol_pct"]) if data.get("vol_pct") is not None else None,
-        balances=Balances(**data["balances"]),
+        balances=balances,
         orders=orders,
         legs=legs,
         seq=int(data["seq"]),

@@ -87,6 +87,10 @@ SNAPSHOT_VERSION = 2  # 2: temperatures, effective counts and prior covariance (
 EMA_FAST_SPAN, EMA_SLOW_SPAN = 9, 21
 
 
+class MalformedModel(BadData):
+    """Saved parameters that are not a model at all (not finite, wrong shapes, not probabilities)."""
+
+
 class UnseparatedStates(BadData):
     """A fit (or snapshot) whose states do not separate on the EMA spread: its labels would mean nothing."""
 
@@ -908,7 +912,8 @@ class RegimeDetector:
         """Restore fitted parameters written by :meth:`to_dict`.
 
         Raises :class:`BadData` (leaving the detector unchanged) when the data
-        is malformed, of another version (an older model is retrained, not
+        is malformed (:class:`MalformedModel`: not finite, wrong shapes, not
+        probabilities), of another version (an older model is retrained, not
         reinterpreted), not a valid HMM, or its states do not separate on the
         EMA spread.
         """
@@ -925,27 +930,29 @@ class RegimeDetector:
             }
             for name, (arr, shape) in arrays.items():
                 if arr.shape != shape or not np.isfinite(arr).all():
-                    raise BadData(f"model snapshot field {name} is malformed")
+                    raise MalformedModel(f"model snapshot field {name} is malformed")
             order = np.asarray(data["state_order"], dtype=int)
             if sorted(order.tolist()) != list(range(N_STATES)):
-                raise BadData("model snapshot state_order is not a permutation")
-            if not np.allclose(arrays["transmat"][0].sum(axis=1), 1.0, atol=1e-6):
-                raise BadData("model snapshot transmat rows do not sum to 1")
+                raise MalformedModel("model snapshot state_order is not a permutation")
+            if not np.isclose(arrays["startprob"][0].sum(), 1.0, atol=1e-6) or (arrays["startprob"][0] < 0).any():
+                raise MalformedModel("model snapshot startprob is not a probability vector")
+            if (arrays["transmat"][0] < 0).any() or not np.allclose(arrays["transmat"][0].sum(axis=1), 1.0, atol=1e-6):
+                raise MalformedModel("model snapshot transmat rows do not sum to 1")
             if (arrays["feature_std"][0] <= 0).any():
-                raise BadData("model snapshot feature_std is not positive")
+                raise MalformedModel("model snapshot feature_std is not positive")
             temperatures = {k: float(data[k]) for k in ("emission_temperature", "posterior_temperature")}
             predictive = {"effective_counts": None, "prior_covariance": None}
             if (data["effective_counts"] is None) != (data["prior_covariance"] is None):
-                raise BadData("model snapshot has effective_counts without prior_covariance or the reverse")
+                raise MalformedModel("model snapshot has effective_counts without prior_covariance or the reverse")
             if data["effective_counts"] is not None:
                 effective, prior_cov = _unpack(data["effective_counts"]), _unpack(data["prior_covariance"])
                 if effective.shape != (N_STATES,) or not (np.isfinite(effective).all() and (effective > 0).all()):
-                    raise BadData("model snapshot field effective_counts is malformed")
+                    raise MalformedModel("model snapshot field effective_counts is malformed")
                 if prior_cov.shape != (N_FEATURES, N_FEATURES) or not np.isfinite(prior_cov).all():
-                    raise BadData("model snapshot field prior_covariance is malformed")
+                    raise MalformedModel("model snapshot field prior_covariance is malformed")
                 predictive = {"effective_counts": effective, "prior_covariance": prior_cov}
             if not all(math.isfinite(t) and t > 0 for t in temperatures.values()):
-                raise BadData("model snapshot temperatures must be finite and positive")
+                raise MalformedModel("model snapshot temperatures must be finite and positive")
             lo, hi = POSTERIOR_TEMPERATURE_BOUNDS
             if not lo <= temperatures["posterior_temperature"] <= hi:
                 raise BadData(f"model snapshot posterior_temperature is outside [{lo}, {hi}]")
@@ -956,9 +963,9 @@ class RegimeDetector:
             counts = {k: int(data[k]) for k in ("n_train_candles", "n_samples", "n_effective_samples")}
             extra = (float(data["log_likelihood"]), int(data["n_iter_run"]), bool(data["converged"]))
         except np.linalg.LinAlgError:
-            raise BadData("model snapshot covariances are not positive definite") from None
+            raise MalformedModel("model snapshot covariances are not positive definite") from None
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise BadData(f"model snapshot is malformed: {exc}") from None
+            raise MalformedModel(f"model snapshot is malformed: {exc}") from None
         try:
             self._set_params(
                 startprob=arrays["startprob"][0],
@@ -972,7 +979,7 @@ class RegimeDetector:
                 **predictive,
             )
         except np.linalg.LinAlgError:
-            raise BadData("model snapshot covariances are not positive definite") from None
+            raise MalformedModel("model snapshot covariances are not positive definite") from None
         self.n_train_candles_ = counts["n_train_candles"]
         self.n_samples_ = counts["n_samples"]
         self.n_effective_samples_ = counts["n_effective_samples"]

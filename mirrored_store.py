@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sqlite3
 import threading
 import time
@@ -78,7 +79,7 @@ class Pending:
 
 def _merge_key(op: str, args: tuple[Any, ...]) -> str | None:
     """Writes that supersede earlier ones of the same key: only the newest waits in the outbox."""
-    if op == "state":
+    if op in ("state", "state_delete"):  # a move's delete and a later save of the key supersede each other
         return f"state:{args[0]}"
     if op == "prune":
         return f"prune:{args[0]}:{args[1]}"
@@ -151,6 +152,8 @@ def _send(remote: SupabaseStore, op: str, args: list[Any]) -> None:
         remote.prune_candles(pair, interval, older_than=older_than, keep_newest=keep_newest)
     elif op == "state":
         remote.save_state(*args)
+    elif op == "state_delete":
+        remote.delete_state(*args)
     elif op == "transition":
         remote.record_tier_transition(*args)
     elif op == "opinion":
@@ -289,9 +292,30 @@ class MirroredStore:
         self._wake.set()
         return removed
 
-    def save_state(self, key: str, data: dict[str, Any], updated_at: float) -> None:
-        self.mirror.save_state(key, data, updated_at)
+    def save_state(self, key: str, data: dict[str, Any], updated_at: float, *, previous_key: str | None = None) -> None:
+        self.mirror.save_state(key, data, updated_at, previous_key=previous_key)
         self._wake.set()
+
+    def copy_state(self, key: str, to_key: str, *, remove: bool = False) -> bool:
+        """On the mirror, queued for Supabase; a newer document only Supabase holds is first brought into the mirror."""
+        remote = None
+        if not self._degraded:
+            try:
+                remote = self.reader.load_state_entry(key)
+            except BadData:
+                remote = None
+            except (RetryLater, ConfigError) as exc:
+                self._failed(exc)
+        if remote is not None:
+            try:
+                local = self.mirror.load_state_entry(key)
+            except BadData:  # an unreadable local row is moved as it is, never overwritten
+                local = ({}, math.inf)
+            if local is None or remote[1] > local[1]:
+                self.mirror.save_state(key, remote[0], remote[1])
+        copied = self.mirror.copy_state(key, to_key, remove=remove)
+        self._wake.set()
+        return copied
 
     def record_tier_transition(self, row: dict[str, Any]) -> None:
         self.mirror.record_tier_transition(row)

@@ -19,7 +19,13 @@ import numpy as np
 from candles import Candle
 from config import Settings
 from errors import BadData
-from hmm_regime_detector import EMISSION_TEMPERATURE, FeatureStream, RegimeDetector, UnseparatedStates
+from hmm_regime_detector import (
+    EMISSION_TEMPERATURE,
+    FeatureStream,
+    MalformedModel,
+    RegimeDetector,
+    UnseparatedStates,
+)
 from regime_policy import NO_SIGNAL, RegimeSignal
 from training_depth import QualityTier, TrainingDepth, decay_copies, quality_tier, retrain_reason, training_depth
 
@@ -215,13 +221,22 @@ class ModelSlot:
         return {"trained_at": self.trained_at, "model": self._packed[1]}
 
     def restore(self, data: dict | None) -> bool:
-        """Load a snapshot written by :meth:`snapshot`; ``False`` (and untouched) when unusable."""
+        """Load a snapshot written by :meth:`snapshot`; ``False`` (and untouched) when it is absent or must be
+        retrained (another version, states that no longer separate).
+
+        Parameters that are not a model at all (not finite, wrong shapes, probabilities that do not
+        sum to 1) raise ``ValueError``: the snapshot holding them cannot be trusted.
+        """
         if not data:
             return False
         try:
             trained_at = float(data["trained_at"])
             detector = self._make_detector().load_dict(data["model"])
-        except (BadData, KeyError, TypeError, ValueError) as exc:
+        except MalformedModel as exc:
+            raise ValueError(f"{self.spec.name} model: {exc}") from None
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"{self.spec.name} model: malformed ({exc})") from None
+        except BadData as exc:
             log.warning("%s model snapshot unusable (%s); it will be retrained", self.spec.name, exc)
             return False
         self.detector, self.trained_at = detector, trained_at

@@ -14,6 +14,7 @@ import math
 import threading
 from collections import deque
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any
 
 from advisor_policy import (
@@ -431,22 +432,38 @@ class RegimeAdvisor:
             }
 
     def restore(self, data: Mapping[str, Any] | None, now: float) -> None:
-        """Restore the override while unexpired (and the advisor enabled) and the scorecard."""
-        if not isinstance(data, Mapping):
+        """Restore the override while unexpired (and the advisor enabled) and the scorecard.
+
+        A malformed record raises ``ValueError`` (the snapshot cannot be trusted). An override that
+        would outlive ``applied_at`` + ``AI_OVERRIDE_MAX_TTL_SEC`` is cut to that, and the cut logged
+        and reported: the rail holds whatever the snapshot says.
+        """
+        if data is None:
             return
+        if not isinstance(data, Mapping):
+            raise ValueError("advisor: not an object")
         with self._lock:
             try:
                 self.scorecard.load(data.get("scorecard") or {})
             except (KeyError, TypeError, ValueError, IndexError) as exc:
-                log.warning("snapshot scorecard unusable (%s); starting a new one", exc)
+                raise ValueError(f"advisor.scorecard: malformed ({exc})") from None
             raw = data.get("override")
             if not raw:
                 return
             try:
                 override = Override.from_dict(raw)
             except (KeyError, TypeError, ValueError) as exc:
-                log.warning("snapshot override unusable (%s); cleared", exc)
-                return
+                raise ValueError(f"advisor.override: malformed ({exc})") from None
+            longest = override.applied_at + self.rails.max_ttl_sec
+            if override.expires_at > longest:
+                message = (
+                    f"the saved AI override would expire at {iso_utc(override.expires_at)}, beyond "
+                    f"AI_OVERRIDE_MAX_TTL_SEC={self.rails.max_ttl_sec:g} after it was applied; "
+                    f"cut to {iso_utc(longest)}"
+                )
+                log.warning("%s", message)
+                self._record_error("snapshot", message, now)
+                override = replace(override, expires_at=longest)
             if now >= override.expires_at:
                 log.info("the saved AI override expired at %s; cleared", iso_utc(override.expires_at))
             elif not self.enabled:

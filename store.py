@@ -11,17 +11,21 @@ repeated without changing anything, which is what lets a remote store retry.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
+import math
+import os
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
 from candles import Candle
-from errors import ConfigError, RetryLater
+from errors import BadData, ConfigError, RetryLater
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +45,17 @@ class Store(Protocol):
     def prune_candles(self, pair: str, interval_min: int, *, older_than: int, keep_newest: int) -> int:
         """Delete candles opening before ``older_than``, never the newest ``keep_newest``."""
 
-    def load_state(self, key: str) -> dict[str, Any] | None: ...
+    def load_state(self, key: str) -> dict[str, Any] | None:
+        """The document under ``key``; :class:`errors.BadData` when it is there but not a JSON object."""
 
-    def save_state(self, key: str, data: dict[str, Any], updated_at: float) -> None:
-        """Replace the document under ``key`` atomically."""
+    def save_state(self, key: str, data: dict[str, Any], updated_at: float, *, previous_key: str | None = None) -> None:
+        """Replace the document under ``key`` atomically (``ValueError`` for NaN or infinity: never written).
+
+        With ``previous_key``, the document replaced is kept under that key in the same transaction.
+        """
+
+    def copy_state(self, key: str, to_key: str, *, remove: bool = False) -> bool:
+        """Copy the row under ``key``, as stored, to ``to_key``; with ``remove``, a move. False when absent."""
 
     def record_tier_transition(self, row: dict[str, Any]) -> None:
         """Write one tier transition (idempotent on ``(pair, ts)``)."""
@@ -225,6 +236,37 @@ def store_status(
     }
 
 
+def state_document(key: str, text: str) -> dict[str, Any]:
+    """A ``bot_state`` row's document; :class:`BadData` when the text is not a JSON object."""
+    try:
+        data = json.loads(text)
+    except (json.JSONDecodeError, TypeError) as exc:
+        raise BadData(f"bot_state {key!r} is not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise BadData(f"bot_state {key!r} holds a JSON {type(data).__name__}, not an object")
+    bad = first_non_finite(data)
+    if bad is not None:  # Python's json reads NaN, Infinity and 1e999; JSON has no such numbers
+        raise BadData(f"bot_state {key!r}: {bad[0]} = {bad[1]!r}, which is not a finite number")
+    return data
+
+
+def first_non_finite(obj: Any, path: str = "") -> tuple[str, float] | None:
+    """The key path and value of the first NaN or infinity anywhere in ``obj`` (None when there is none)."""
+    if isinstance(obj, float):
+        return None if math.isfinite(obj) else (path, obj)
+    if isinstance(obj, dict):
+        items: Iterator[tuple[str, Any]] = ((f"{path}.{k}" if path else str(k), v) for k, v in obj.items())
+    elif isinstance(obj, (list, tuple)):
+        items = ((f"{path}[{i}]", v) for i, v in enumerate(obj))
+    else:
+        return None
+    for sub, value in items:
+        found = first_non_finite(value, sub)
+        if found is not None:
+            return found
+    return None
+
+
 @contextmanager
 def _faults(what: str) -> Iterator[None]:
     """Runtime database faults become :class:`RetryLater`; misuse (a bug) is not masked."""
@@ -350,22 +392,46 @@ class SQLiteStore:
             row = self._conn.execute("SELECT data, updated_at FROM bot_state WHERE key = ?", (key,)).fetchone()
         if row is None:
             return None
-        try:
-            data = json.loads(row[0])
-        except json.JSONDecodeError:
-            log.error("bot_state %r is not valid JSON; ignoring it", key)
-            return None
-        return (data, float(row[1])) if isinstance(data, dict) else None
+        return state_document(key, row[0]), float(row[1])
 
-    def save_state(self, key: str, data: dict[str, Any], updated_at: float) -> None:
+    def save_state(self, key: str, data: dict[str, Any], updated_at: float, *, previous_key: str | None = None) -> None:
         text = json.dumps(data, separators=(",", ":"), allow_nan=False)
         with self._transaction("saving the state") as conn:
+            if previous_key is not None:
+                self._copy_row(conn, key, previous_key)
+            self._put_row(conn, key, text, updated_at)
+
+    def copy_state(self, key: str, to_key: str, *, remove: bool = False) -> bool:
+        with self._transaction("copying the state") as conn:
+            if not self._copy_row(conn, key, to_key):
+                return False
+            if remove:
+                conn.execute("DELETE FROM bot_state WHERE key = ?", (key,))
+                self._written(conn, "state_delete", (key,))
+            return True
+
+    def _put_row(self, conn: sqlite3.Connection, key: str, text: str, updated_at: float) -> None:
+        conn.execute(
+            "INSERT INTO bot_state (key, data, updated_at) VALUES (?, ?, ?) "
+            "ON CONFLICT (key) DO UPDATE SET data = excluded.data, updated_at = excluded.updated_at",
+            (key, text, updated_at),
+        )
+        self._written(conn, "state", (key, text, updated_at))
+
+    def _copy_row(self, conn: sqlite3.Connection, key: str, to_key: str) -> bool:
+        row = conn.execute("SELECT data, updated_at FROM bot_state WHERE key = ?", (key,)).fetchone()
+        if row is None:
+            return False
+        text, updated_at = row
+        try:
+            state_document(key, text)
+        except BadData:  # kept here as it is; a remote copy takes JSON objects only
             conn.execute(
-                "INSERT INTO bot_state (key, data, updated_at) VALUES (?, ?, ?) "
-                "ON CONFLICT (key) DO UPDATE SET data = excluded.data, updated_at = excluded.updated_at",
-                (key, text, updated_at),
+                "INSERT OR REPLACE INTO bot_state (key, data, updated_at) VALUES (?, ?, ?)", (to_key, text, updated_at)
             )
-            self._written(conn, "state", (key, text, updated_at))
+            return True
+        self._put_row(conn, to_key, text, updated_at)
+        return True
 
     # events -----------------------------------------------------------------
 
@@ -442,3 +508,65 @@ class SQLiteStore:
     def close(self) -> None:
         with self._lock:
             self._conn.close()
+
+
+class StoreLock:
+    """One bot per SQLite store: an exclusive ``flock`` on ``<db>.lock``, held for the process's lifetime.
+
+    The file names its holder (JSON: pid, port, host, started_at, mode); the port is null until the
+    dashboard has bound (:meth:`update`). A second process is refused with the holder's PID and port.
+    The OS drops the lock when the holder exits, however it exits (``kill -9`` included), so a stale
+    file never blocks a start; the file itself stays (removing it would race with a new holder).
+    """
+
+    def __init__(self, db_path: str, fd: int, info: dict[str, Any]) -> None:
+        self.db_path, self.path, self._fd, self.info = db_path, f"{db_path}.lock", fd, info
+
+    @classmethod
+    def acquire(cls, db_path: str, *, mode: str, host: str, now: float) -> StoreLock:
+        """Take the lock before anything is written to the store; :class:`ConfigError` naming the holder if held."""
+        Path(db_path).parent.mkdir(parents=True, exist_ok=True)
+        path = f"{db_path}.lock"
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise ConfigError(f"cannot open the store's lock file {path}: {exc}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = _lock_holder(fd)
+            os.close(fd)
+            raise ConfigError(f"another bot ({holder}) is using {db_path}; stop it first or use another --db") from None
+        lock = cls(db_path, fd, {"pid": os.getpid(), "port": None, "host": host, "started_at": now, "mode": mode})
+        lock._write()
+        return lock
+
+    def update(self, **fields: Any) -> None:
+        """Record more about the holder (the dashboard's port once it is bound)."""
+        self.info.update(fields)
+        self._write()
+
+    def _write(self) -> None:
+        data = json.dumps(self.info).encode()
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, data, 0)
+
+    def release(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = -1
+
+
+def _lock_holder(fd: int) -> str:
+    """``PID 1234, dashboard port 8080`` from a held lock file (read again once if caught mid-write)."""
+    for _ in range(3):
+        try:
+            info = json.loads(os.pread(fd, 4096, 0) or b"null")
+        except (OSError, ValueError):
+            info = None
+        if isinstance(info, dict):
+            port = info.get("port")
+            shown = f"dashboard port {port}" if port is not None else "dashboard port not bound yet"
+            return f"PID {info.get('pid')}, {shown}"
+        time.sleep(0.05)
+    return "its PID unknown"

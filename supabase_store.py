@@ -41,7 +41,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
+import secrets
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -55,7 +58,7 @@ from supabase import ClientOptions, create_client
 from candles import Candle
 from errors import BadData, ConfigError, RetryLater
 from redaction import mask_url, scrub
-from store import FILL_COLUMNS, OPINION_COLUMNS, SCHEMA, TRANSITION_COLUMNS, store_status
+from store import FILL_COLUMNS, OPINION_COLUMNS, SCHEMA, TRANSITION_COLUMNS, state_document, store_status
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +67,25 @@ STATE = "bot_state"
 TRANSITIONS = "regime_tier_transitions"
 OPINIONS = "ai_regime_opinions"
 FILLS = "fills"
-TABLES = (CANDLES, STATE, TRANSITIONS, OPINIONS, FILLS)
+TABLES = (CANDLES, STATE, TRANSITIONS, OPINIONS, FILLS)  # the store's (the SQLite file has the same)
+LEASES = "bot_leases"  # Supabase only: which bot runs a pair
+LEASE_COLUMNS = ("pair", "holder", "host", "store", "pid", "port", "acquired_at", "expires_at")
+# The lease table as SQLite DDL (db/supabase_schema.sql has it for Postgres): the local PostgREST of the tests.
+LEASE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS bot_leases (
+    pair TEXT PRIMARY KEY,
+    holder TEXT NOT NULL,
+    host TEXT NOT NULL,
+    store TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    port INTEGER,
+    acquired_at REAL NOT NULL,
+    expires_at REAL NOT NULL
+);
+"""
+LEASE_TTL_SEC = 90.0
+LEASE_RENEW_SEC = 30.0
+LEASE_RETRY_SEC = 2.0  # while not held (Supabase was unreachable at start): how often to try again
 CANDLE_COLUMNS = ("time", "open", "high", "low", "close", "volume", "trade_count")
 CANDLE_KEY = "pair,interval_min,time"
 SCHEMA_FILE = "db/supabase_schema.sql"
@@ -139,7 +160,7 @@ def _converters(sql: str) -> dict[str, dict[str, Callable[[Any], Any]]]:
     return table_converters
 
 
-CONVERTERS = _converters(SCHEMA)
+CONVERTERS = _converters(SCHEMA + LEASE_SCHEMA)
 
 
 def coerce_row(table: str, row: dict[str, Any]) -> dict[str, Any]:
@@ -263,6 +284,7 @@ class SupabaseStore:
             TRANSITIONS: ("id", *TRANSITION_COLUMNS),
             OPINIONS: (*OPINION_COLUMNS, "price_after", "hit"),
             FILLS: FILL_COLUMNS,
+            LEASES: LEASE_COLUMNS,
         }
         for table, names in columns.items():
             with self._faults(f"checking table {table}"):
@@ -371,19 +393,45 @@ class SupabaseStore:
             return None
         data = rows[0].get("data")
         if isinstance(data, str):  # a json/text column instead of jsonb
-            try:
-                data = json.loads(data)
-            except json.JSONDecodeError:
-                log.error("bot_state %r is not valid JSON; ignoring it", key)
-                return None
-        return (data, float(rows[0].get("updated_at") or 0.0)) if isinstance(data, dict) else None
+            data = state_document(key, data)
+        elif not isinstance(data, dict):
+            raise BadData(f"bot_state {key!r} holds a JSON {type(data).__name__}, not an object")
+        return data, float(rows[0].get("updated_at") or 0.0)
 
-    def save_state(self, key: str, data: dict[str, Any], updated_at: float) -> None:
+    def save_state(self, key: str, data: dict[str, Any], updated_at: float, *, previous_key: str | None = None) -> None:
         # Serialised first, exactly as SQLite's store does: NaN raises ValueError before anything is sent.
         document = json.loads(json.dumps(data, separators=(",", ":"), allow_nan=False))
-        row = {"key": key, "data": document, "updated_at": float(updated_at)}
+        rows = [{"key": key, "data": document, "updated_at": float(updated_at)}]
+        if previous_key is not None:
+            replaced = self._state_row(key)
+            if replaced is not None:  # both rows in one upsert: one statement, one transaction
+                rows.insert(0, {**replaced, "key": previous_key})
         with self._faults("saving the state"):
-            self._table(STATE).upsert(row, on_conflict="key", returning="minimal").execute()
+            self._table(STATE).upsert(rows, on_conflict="key", returning="minimal").execute()
+
+    def copy_state(self, key: str, to_key: str, *, remove: bool = False) -> bool:
+        """As :meth:`store.SQLiteStore.copy_state`, in two requests: the copy lands before the original goes."""
+        row = self._state_row(key)
+        if row is None:
+            return False
+        with self._faults("copying the state"):
+            self._table(STATE).upsert({**row, "key": to_key}, on_conflict="key", returning="minimal").execute()
+        if remove:
+            self.delete_state(key)
+        return True
+
+    def delete_state(self, key: str) -> None:
+        """Remove the row under ``key`` (the mirror's outbox replays a move with it)."""
+        with self._faults("deleting the state"):
+            self._table(STATE).delete(returning="minimal").eq("key", key).execute()
+
+    def _state_row(self, key: str) -> dict[str, Any] | None:
+        with self._faults("reading the state"):
+            rows = self._rows(
+                self._table(STATE).select("data,updated_at").eq("key", key).limit(1).execute().data,
+                "reading the state",
+            )
+        return rows[0] if rows else None
 
     # events -----------------------------------------------------------------------
 
@@ -455,3 +503,139 @@ class SupabaseStore:
 
     def close(self) -> None:
         self._http.close()
+
+
+class StoreLease:
+    """One bot per pair on a Supabase project: a row of ``bot_leases`` with an expiry, renewed while the bot runs.
+
+    :meth:`acquire` inserts the row (``ignore-duplicates``: of two machines racing, one insert lands) or
+    takes it over with a conditional update: where it has expired (``expires_at=lt.now``), or where its
+    holder ran on this host with this same store file (that holder is gone: this process holds the
+    file's lock). Postgres evaluates the condition under the row's lock, so two machines cannot both win.
+    A live holder elsewhere is refused (:class:`ConfigError` naming it). A thread renews the row every
+    ``renew_sec`` (:meth:`start`); :meth:`release` deletes it at a clean shutdown, and a crashed
+    holder's row runs out after ``ttl_sec``. While Supabase is unreachable the bot runs on (Supabase is
+    never a reason to stop trading) and the thread acquires once it answers; ``on_lost`` is called
+    when another bot holds the pair by then, or took it over after this one failed to renew in time.
+    """
+
+    def __init__(
+        self,
+        client: SupabaseStore,
+        pair: str,
+        *,
+        store: str,
+        now: Callable[[], float],
+        ttl_sec: float = LEASE_TTL_SEC,
+        renew_sec: float = LEASE_RENEW_SEC,
+    ) -> None:
+        self.client, self.pair, self.now = client, pair, now
+        self.ttl_sec, self.renew_sec = ttl_sec, renew_sec
+        self.host, self.pid = socket.gethostname(), os.getpid()
+        self.holder = f"{self.host}:{self.pid}:{secrets.token_hex(4)}"
+        self.store = store
+        self.port: int | None = None
+        self.held = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.on_lost: Callable[[str], None] = lambda message: None
+
+    def _table(self) -> SyncRequestBuilder:
+        return self.client._table(LEASES)
+
+    def _row(self, now: float) -> dict[str, Any]:
+        return {
+            "pair": self.pair, "holder": self.holder, "host": self.host, "store": self.store, "pid": self.pid,
+            "port": self.port, "acquired_at": now, "expires_at": now + self.ttl_sec,
+        }  # fmt: skip
+
+    def acquire(self) -> None:
+        """Hold the pair's lease; :class:`ConfigError` naming the holder when another bot holds it.
+
+        :class:`RetryLater` when Supabase does not answer (the caller may go on and :meth:`start`).
+        """
+        now = self.now()
+        row, current = self._row(now), None
+        with self.client._faults("taking the bot lease"):
+            won = self._table().upsert(row, on_conflict="pair", ignore_duplicates=True).execute().data
+            if not won:
+                won = self._table().update(row).eq("pair", self.pair).lt("expires_at", now).execute().data
+            if not won:
+                current = self._holder()
+                if current and current.get("host") == self.host and current.get("store") == self.store:
+                    won = self._table().update(row).eq("pair", self.pair).eq("holder", current["holder"]).execute().data
+        if not won:
+            raise ConfigError(self._refusal(current, now))
+        self.held = True
+        log.info("bot lease on %s taken in Supabase (holder %s, valid %.0f s)", self.pair, self.holder, self.ttl_sec)
+
+    def _holder(self) -> dict[str, Any] | None:
+        rows = self.client._rows(
+            self._table().select(",".join(LEASE_COLUMNS)).eq("pair", self.pair).limit(1).execute().data,
+            "reading the bot lease",
+        )
+        return rows[0] if rows else None
+
+    def _refusal(self, current: dict[str, Any] | None, now: float) -> str:
+        if not current:
+            return f"the bot lease on {self.pair} in Supabase changed hands while it was taken; start again"
+        port = current.get("port")
+        return (
+            f"another bot (PID {current.get('pid')} on {current.get('host')}, dashboard port "
+            f"{port if port is not None else 'not bound yet'}, store {current.get('store')}) holds {self.pair} in "
+            f"Supabase for {max(0.0, float(current['expires_at']) - now):.0f} s more; stop it first, or wait "
+            f"{self.ttl_sec:.0f} s if it crashed"
+        )
+
+    def renew(self) -> bool:
+        """Extend the lease (and record the port); False when another bot has taken it over."""
+        now = self.now()
+        with self.client._faults("renewing the bot lease"):
+            kept = (
+                self._table()
+                .update({"expires_at": now + self.ttl_sec, "port": self.port})
+                .eq("pair", self.pair)
+                .eq("holder", self.holder)
+                .execute()
+                .data
+            )
+        self.held = bool(kept)
+        return self.held
+
+    def release(self) -> None:
+        """Stop renewing and delete the row (only if still ours); an unreachable Supabase lets it run out."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self.client.timeout + 5)
+        if not self.held:
+            return
+        try:
+            with self.client._faults("releasing the bot lease"):
+                self._table().delete(returning="minimal").eq("pair", self.pair).eq("holder", self.holder).execute()
+            self.held = False
+            log.info("bot lease on %s released", self.pair)
+        except (RetryLater, ConfigError, BadData) as exc:
+            log.warning("the bot lease on %s could not be released (%s); it runs out by itself", self.pair, exc)
+
+    def start(self) -> None:
+        """Renew every ``renew_sec`` in a daemon thread (after an outage at start: acquire, every few seconds)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="bot-lease", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.renew_sec if self.held else min(self.renew_sec, LEASE_RETRY_SEC)):
+            self.tick()
+
+    def tick(self) -> None:
+        """One renewal (the thread's step; tests call it directly)."""
+        try:
+            if self.held:
+                if not self.renew():
+                    self.on_lost(f"the bot lease on {self.pair} in Supabase was taken over by another bot")
+            else:
+                self.acquire()
+        except ConfigError as exc:
+            self.on_lost(str(exc))
+        except (RetryLater, BadData) as exc:
+            log.warning("bot lease on %s not renewed (%s); trying again in %.0f s", self.pair, exc, self.renew_sec)

@@ -500,10 +500,10 @@ class TradesBackfill:
         return job
 
     def _saved_job(self, now: float) -> BackfillJob | None:
-        doc = self.store.load_state(self.state_key)
-        if doc is None:
-            return None
         try:
+            doc = self.store.load_state(self.state_key)
+            if doc is None:
+                return None
             job = BackfillJob.from_doc(doc)
         except BadData as exc:
             log.warning("trades backfill: planning afresh: %s", exc)

@@ -100,6 +100,20 @@ create table if not exists public.fills (
 
 create index if not exists fills_pair_ts on public.fills (pair, ts);
 
+-- One bot per pair (README "Persistence and restart"): the running bot holds a lease row
+-- here, renewed every 30 s and valid for 90 s; a second bot on the project is refused
+-- while it is valid, and a crashed holder's lease simply runs out.
+create table if not exists public.bot_leases (
+    pair text primary key,
+    holder text not null,
+    host text not null,
+    store text not null,
+    pid integer not null,
+    port integer,
+    acquired_at double precision not null,
+    expires_at double precision not null
+);
+
 -- Row-level security on, no policies: only the service-role key gets through.
 -- (Enabling it again is harmless.)
 alter table public.ohlcv_candles enable row level security;
@@ -107,3 +121,4 @@ alter table public.bot_state enable row level security;
 alter table public.regime_tier_transitions enable row level security;
 alter table public.ai_regime_opinions enable row level security;
 alter table public.fills enable row level security;
+alter table public.bot_leases enable row level security;

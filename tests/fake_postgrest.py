@@ -2,8 +2,9 @@
 
 A real HTTP server on 127.0.0.1 (port 0 the first time, the same port after a
 restart) in a daemon thread, serving ``/rest/v1/<table>`` for the bot's tables
-(created in an in-memory SQLite database from :data:`store.SCHEMA`, so the
-columns are the store's). The real ``supabase`` client talks to it unchanged.
+(created in an in-memory SQLite database from :data:`store.SCHEMA` and
+:data:`supabase_store.LEASE_SCHEMA`, so the columns are the store's). The
+real ``supabase`` client talks to it unchanged.
 
 What it speaks, as PostgREST 12 does:
 
@@ -66,7 +67,8 @@ from urllib.parse import parse_qsl, urlsplit
 
 from loopback_server import LoopbackServer
 
-from store import SCHEMA
+from store import SCHEMA as STORE_SCHEMA
+from supabase_store import LEASE_SCHEMA
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +76,7 @@ REST_PREFIX = "/rest/v1/"
 DEFAULT_MAX_ROWS = 1000  # Supabase's default db-max-rows
 DEFAULT_KEY = "test-service-role-key"
 SCHEMA_NAME = "public"
+SCHEMA = STORE_SCHEMA + LEASE_SCHEMA  # every table of db/supabase_schema.sql
 JSON_COLUMNS = {"bot_state": frozenset({"data"})}  # jsonb in Postgres, text in the SQLite underneath
 MAX_BODY_BYTES = 16 * 1024 * 1024
 RESERVED_PARAMS = frozenset({"select", "order", "limit", "offset", "on_conflict", "columns"})

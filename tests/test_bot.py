@@ -6,9 +6,10 @@ import pytest
 from conftest import make_sim_bot, run_ticks
 
 from direction_skill import DirectionSkill
-from errors import BadData, RetryLater
+from errors import BadData, ConfigError, RetryLater
 from hmm_regime_detector import RegimeDetector
 from regime_policy import BULLISH, RANGING, RegimeSignal
+from store import SQLiteStore
 
 
 def depth(bot, model="primary"):
@@ -181,19 +182,34 @@ def test_restart_restores_tier_state_and_models_without_retraining(tmp_path):
     again.store.close()
 
 
-def test_an_unusable_snapshot_is_ignored_and_the_models_retrain(tmp_path):
+def test_an_untrustworthy_snapshot_stops_the_start_and_an_older_model_version_retrains(tmp_path):
     db = tmp_path / "u.sqlite3"
     bot = make_sim_bot(db)
     bot.tick()
     bot.shutdown()
-    snap = bot.store.load_state("snapshot:XDGUSD")
-    snap["models"]["primary"]["model"]["covars"] = {"shape": [1], "f64": "AAAAAAAAAAA="}
-    snap["tier"] = {"tier": 7, "direction": "sideways", "since": "x"}
-    bot.store.save_state("snapshot:XDGUSD", snap, 0)
+    good = bot.store.load_state("snapshot:XDGUSD")
+    bad = {**good, "tier": {"tier": 7, "direction": "sideways", "since": 0}}
+    bot.store.save_state("snapshot:XDGUSD", bad, 0)
     bot.store.close()
+    with pytest.raises(ConfigError, match=r"tier\.tier = 7: must be one of 0, 1, 2.*--restore-previous"):
+        make_sim_bot(db)
+    store = SQLiteStore(db)
+    assert store.load_state("snapshot:XDGUSD") == bad  # refused, not changed
+    malformed = json.loads(json.dumps(good))
+    malformed["models"]["primary"]["model"]["covars"] = {"shape": [1], "f64": "AAAAAAAAAAA="}
+    store.save_state("snapshot:XDGUSD", malformed, 0)
+    store.close()
+    with pytest.raises(ConfigError, match=r"primary model: model snapshot field covars is malformed"):
+        make_sim_bot(db)
+
+    older = json.loads(json.dumps(good))  # a model of another version is retrained, not reinterpreted
+    older["models"]["primary"]["model"]["version"] = -1
+    store = SQLiteStore(db)
+    store.save_state("snapshot:XDGUSD", older, 0)
+    store.close()
     again = make_sim_bot(db)
     assert not again.primary.trained and again.secondary.trained
-    assert again.tier_state.tier == 0
+    assert again.tier_state == bot.tier_state
     again.tick()
     assert [r["model"] for r in again.stats.retrains] == ["primary"]
     again.store.close()

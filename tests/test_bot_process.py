@@ -271,6 +271,14 @@ def test_a_supabase_outage_never_stops_the_bot_and_a_restart_during_it_restores_
         st = p.wait_status(lambda s: s["hmm"]["primary"]["trained"] and landed(s), timeout=60)
         assert st["store"]["backend"] == "supabase" and st["store"]["local_path"] == str(db)
         assert len(supabase.rows("ohlcv_candles")) == 719
+        # The pair's lease names this bot and its dashboard; a second bot on the project is refused.
+        assert [(r["pid"], r["port"], r["store"]) for r in supabase.rows("bot_leases")] == [
+            (p.proc.pid, p.port, str(db))
+        ]
+        other = bot_process(["--port", "0", "--db", str(tmp_path / "other.sqlite3")], env=env)
+        assert other.proc.wait(30) == 2
+        assert f"bot.py: another bot (PID {p.proc.pid} on " in other.output
+        assert f"dashboard port {p.port}, store {db}) holds XDGUSD in Supabase" in other.output
 
         supabase.stop()
         st = p.wait_status(degraded, timeout=30)
@@ -300,7 +308,11 @@ def test_a_supabase_outage_never_stops_the_bot_and_a_restart_during_it_restores_
         assert "model restored from the snapshot" in again.output
         supabase.start()
         again.wait_status(landed, timeout=30)
+        # The first bot's lease could not be released in the outage; this host and store file take it over.
+        again.wait_for_log("bot lease on XDGUSD taken in Supabase", timeout=15)
+        assert [r["pid"] for r in supabase.rows("bot_leases")] == [again.proc.pid]
         assert again.terminate() == 0  # with Supabase up, the final snapshot is sent before the exit
+        assert supabase.rows("bot_leases") == []  # released at a clean shutdown
         with sqlite3.connect(db) as conn:
             (snapshot,) = conn.execute("SELECT data FROM bot_state WHERE key = 'snapshot:XDGUSD'").fetchone()
             assert conn.execute("SELECT COUNT(*) FROM store_outbox").fetchone() == (0,)

@@ -18,7 +18,7 @@ from fake_llm import FakeLLM, Reply
 from ai_advisor import Panel
 from bot import Bot
 from clock import SimClock
-from errors import ActionRefused
+from errors import ActionRefused, ConfigError
 from market_sim import SimulatedMarket
 from regime_advisor import RegimeAdvisor
 from regime_policy import TierState
@@ -512,7 +512,7 @@ def test_override_survives_a_restart_while_live_and_is_cleared_once_expired(tmp_
     disabled = Bot(
         make_settings(),
         mode="sim",
-        clock=SimClock(applied_at + 10),
+        clock=SimClock(applied_at + 1210),
         market=SimulatedMarket(SimClock(applied_at), seed=7, start=SIM_START),
         store=SQLiteStore(db),
     )
@@ -521,6 +521,6 @@ def test_override_survives_a_restart_while_live_and_is_cleared_once_expired(tmp_
         {**disabled.store.load_state(f"snapshot:{PAIR}"), "advisor": {"override": {"tier": 1}}},
         applied_at,
     )
-    disabled.start()  # a malformed override record is dropped with a warning, not a crash
-    assert disabled.status()["ai_regime_advisor"]["override"]["active"] is False
+    with pytest.raises(ConfigError, match=r"advisor\.override\.direction = None"):
+        disabled.start()  # a malformed override record stops the start (fail closed), not a crash
     disabled.store.close()

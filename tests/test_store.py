@@ -1,15 +1,19 @@
 """Store contract tests. Every backend must pass them (the ``store`` fixture is parametrised)."""
 
+import json
 import math
+import os
+import re
 import sqlite3
+from pathlib import Path
 
 import pytest
 from fake_postgrest import FakePostgrest
 
 from candles import Candle
-from errors import ConfigError, RetryLater
+from errors import BadData, ConfigError, RetryLater
 from mirrored_store import LocalMirror, MirroredStore
-from store import SCHEMA, SQLiteStore
+from store import SCHEMA, SQLiteStore, StoreLock
 from supabase_store import SupabaseStore
 
 PAIR = "XDGUSD"
@@ -27,7 +31,7 @@ def postgrest():
 
 
 WRITES = (
-    "upsert_candles", "prune_candles", "save_state", "record_tier_transition", "record_ai_opinion",
+    "upsert_candles", "prune_candles", "save_state", "copy_state", "record_tier_transition", "record_ai_opinion",
     "record_ai_opinion_outcome", "record_fill",
 )  # fmt: skip
 TABLES = ("ohlcv_candles", "bot_state", "regime_tier_transitions", "ai_regime_opinions", "fills")
@@ -143,6 +147,62 @@ def test_a_state_that_is_not_json_safe_changes_nothing(store):
     with pytest.raises(ValueError):
         store.save_state("k", {"bad": math.nan}, 2.0)
     assert store.load_state("k") == {"ok": 1}
+
+
+def test_a_save_keeps_the_document_it_replaces_and_a_move_loses_nothing(store):
+    store.save_state("snapshot:X", {"n": 1}, 1.0, previous_key="snapshot:X:previous")
+    assert store.load_state("snapshot:X:previous") is None  # nothing was replaced
+    store.save_state("snapshot:X", {"n": 2}, 2.0, previous_key="snapshot:X:previous")
+    store.save_state("snapshot:X", {"n": 3}, 3.0, previous_key="snapshot:X:previous")
+    assert store.load_state("snapshot:X") == {"n": 3}
+    assert store.load_state("snapshot:X:previous") == {"n": 2}
+    assert store.copy_state("snapshot:X", "snapshot:X:rejected:t", remove=True) is True
+    assert store.load_state("snapshot:X") is None
+    assert store.load_state("snapshot:X:rejected:t") == {"n": 3}
+    assert store.copy_state("snapshot:X", "elsewhere") is False  # nothing to copy
+    assert store.copy_state("snapshot:X:previous", "snapshot:X") is True
+    assert store.load_state("snapshot:X") == store.load_state("snapshot:X:previous") == {"n": 2}
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ('{"version": 1, "pair": "XD', "is not valid JSON"),
+        ("[1, 2]", "holds a JSON list, not an object"),
+        ('{"grid": {"balances": {"quote": NaN}}}', "grid.balances.quote = nan, which is not a finite number"),
+        ('{"tier": {"since": 1e999}}', "tier.since = inf, which is not a finite number"),
+    ],
+)
+def test_a_stored_document_that_is_not_a_finite_json_object_is_refused_not_ignored(tmp_path, text, problem):
+    store = SQLiteStore(tmp_path / "s.sqlite3")
+    with sqlite3.connect(tmp_path / "s.sqlite3") as conn:  # written by something else than the store
+        conn.execute("INSERT INTO bot_state VALUES ('snapshot:X', ?, 1.0)", (text,))
+    with pytest.raises(BadData, match=re.escape(problem)):
+        store.load_state("snapshot:X")
+    assert store.copy_state("snapshot:X", "aside", remove=True)  # moved as it is, byte for byte
+    with sqlite3.connect(tmp_path / "s.sqlite3") as conn:
+        assert conn.execute("SELECT key, data FROM bot_state").fetchall() == [("aside", text)]
+    store.close()
+
+
+def test_one_bot_per_store_the_lock_names_its_holder_and_is_free_once_released(tmp_path):
+    db = str(tmp_path / "bot.sqlite3")
+    first = StoreLock.acquire(db, mode="paper", host="127.0.0.1", now=5.0)
+    with pytest.raises(ConfigError, match=rf"another bot \(PID {os.getpid()}, dashboard port not bound yet\)"):
+        StoreLock.acquire(db, mode="paper", host="127.0.0.1", now=6.0)
+    first.update(port=8123)
+    with pytest.raises(ConfigError) as refused:
+        StoreLock.acquire(db, mode="paper", host="127.0.0.1", now=6.0)
+    assert str(refused.value) == (
+        f"another bot (PID {os.getpid()}, dashboard port 8123) is using {db}; stop it first or use another --db"
+    )
+    assert json.loads(Path(f"{db}.lock").read_text()) == {
+        "pid": os.getpid(), "port": 8123, "host": "127.0.0.1", "started_at": 5.0, "mode": "paper",
+    }  # fmt: skip
+    first.release()
+    second = StoreLock.acquire(db, mode="sim", host="127.0.0.1", now=7.0)
+    assert json.loads(Path(f"{db}.lock").read_text())["mode"] == "sim"
+    second.release()
 
 
 def test_tier_transitions_are_recorded_newest_first(store):

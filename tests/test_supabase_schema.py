@@ -73,9 +73,9 @@ def test_the_schema_applies_twice_and_the_store_keys_exist(psql):
     psql(SCHEMA)
     psql(SCHEMA)
     tables = psql("select string_agg(tablename, ',' order by tablename) from pg_tables where schemaname = 'public'")
-    assert tables.strip() == "ai_regime_opinions,bot_state,fills,ohlcv_candles,regime_tier_transitions"
+    assert tables.strip() == "ai_regime_opinions,bot_leases,bot_state,fills,ohlcv_candles,regime_tier_transitions"
     rls = psql("select count(*) from pg_tables where schemaname = 'public' and rowsecurity")
-    assert rls.strip() == "5"
+    assert rls.strip() == "6"
     out = psql(
         """
         insert into ohlcv_candles values ('XDGUSD', 1, 60, 1, 1, 1, 1, 5, 0)

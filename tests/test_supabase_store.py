@@ -16,7 +16,7 @@ from fake_postgrest import FakePostgrest, content_range, range_status, requested
 from candles import Candle
 from errors import BadData, ConfigError, RetryLater
 from store import SCHEMA
-from supabase_store import SCHEMA_FILE, SupabaseStore, classify_api_error, parse_tables
+from supabase_store import LEASE_SCHEMA, SCHEMA_FILE, StoreLease, SupabaseStore, classify_api_error, parse_tables
 
 ROOT = Path(__file__).resolve().parents[1]
 PAIR = "XDGUSD"
@@ -304,14 +304,85 @@ def test_an_outage_is_retry_later_and_the_same_port_serves_again_after_it(fake, 
     assert len(store.load_candles(PAIR, 1, 100)) == 25
 
 
+# the bot lease -------------------------------------------------------------------
+
+
+class WallClock:
+    def __init__(self) -> None:
+        self.t = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_one_bot_per_pair_a_second_is_refused_an_expired_lease_is_taken_over_and_release_frees_it(fake, store):
+    clock = WallClock()
+    first = StoreLease(store, PAIR, store="/srv/a/bot.sqlite3", now=clock)
+    second = StoreLease(store, PAIR, store="/srv/b/bot.sqlite3", now=clock)
+    lost: list[str] = []
+    first.on_lost = lost.append
+    first.acquire()
+    first.port = 8080
+    clock.t += 30
+    assert first.renew() is True
+    assert [(r["holder"], r["port"], r["expires_at"]) for r in fake.rows("bot_leases")] == [
+        (first.holder, 8080, clock.t + 90)
+    ]
+    clock.t += 89  # one second before it runs out: still the first's
+    with pytest.raises(ConfigError) as refused:
+        second.acquire()
+    assert str(refused.value) == (
+        f"another bot (PID {first.pid} on {first.host}, dashboard port 8080, store /srv/a/bot.sqlite3) holds "
+        f"{PAIR} in Supabase for 1 s more; stop it first, or wait 90 s if it crashed"
+    )
+    other_pair = StoreLease(store, "ETHUSD", store="/srv/b/bot.sqlite3", now=clock)
+    other_pair.acquire()  # leases are per pair
+
+    clock.t += 2  # the first stopped renewing (crashed, or cut off): its lease ran out
+    second.acquire()
+    assert [r["holder"] for r in fake.rows("bot_leases") if r["pair"] == PAIR] == [second.holder]
+    first.tick()  # the first's renewal finds the lease gone to another bot
+    assert lost == [f"the bot lease on {PAIR} in Supabase was taken over by another bot"] and not first.held
+    first.release()  # not ours any more: the second's row stays
+    assert [r["holder"] for r in fake.rows("bot_leases") if r["pair"] == PAIR] == [second.holder]
+
+    second.release()  # a clean shutdown frees the pair at once
+    assert [r["pair"] for r in fake.rows("bot_leases")] == ["ETHUSD"]
+    third = StoreLease(store, PAIR, store="/srv/a/bot.sqlite3", now=clock)
+    third.acquire()
+    assert third.held
+
+
+def test_a_lease_left_by_this_host_and_store_is_taken_over_at_once_and_an_outage_defers_the_lease(fake, store):
+    clock = WallClock()
+    crashed = StoreLease(store, PAIR, store="/srv/a/bot.sqlite3", now=clock)
+    crashed.acquire()
+    # The same machine and store file: this process holds the file's lock, so that holder is gone.
+    restarted = StoreLease(store, PAIR, store="/srv/a/bot.sqlite3", now=clock)
+    restarted.acquire()
+    assert [r["holder"] for r in fake.rows("bot_leases")] == [restarted.holder]
+
+    fake.stop()
+    late = StoreLease(store, PAIR, store="/srv/c/bot.sqlite3", now=clock)
+    with pytest.raises(RetryLater):
+        late.acquire()
+    lost: list[str] = []
+    late.on_lost = lost.append
+    late.tick()  # still unreachable: it keeps trying, the bot keeps running
+    assert lost == [] and not late.held
+    fake.start()
+    late.tick()  # reachable, and another bot holds the pair: the bot is told to stop
+    assert len(lost) == 1 and lost[0].startswith(f"another bot (PID {restarted.pid} on {restarted.host}")
+
+
 # the schema file ----------------------------------------------------------------
 
 
 def test_the_schema_file_matches_the_sqlite_tables_and_the_fake_serves_the_same_columns():
     sql = (ROOT / SCHEMA_FILE).read_text()
-    postgres, sqlite = parse_tables(sql), parse_tables(SCHEMA)
+    postgres, sqlite = parse_tables(sql), parse_tables(SCHEMA + LEASE_SCHEMA)
     assert set(postgres) == set(sqlite) == {
-        "ohlcv_candles", "bot_state", "regime_tier_transitions", "ai_regime_opinions", "fills",
+        "ohlcv_candles", "bot_state", "regime_tier_transitions", "ai_regime_opinions", "fills", "bot_leases",
     }  # fmt: skip
     same_kind = {"text": ("text", "jsonb"), "integer": ("integer", "bigint"), "real": ("double precision",)}
     for table, spec in sqlite.items():
@@ -334,7 +405,7 @@ def test_the_schema_file_matches_the_sqlite_tables_and_the_fake_serves_the_same_
 def test_the_schema_file_can_run_twice():
     sql = re.sub(r"--[^\n]*", "", (ROOT / SCHEMA_FILE).read_text())
     statements = [s.strip() for s in sql.split(";") if s.strip()]
-    assert len(statements) == 14
+    assert len(statements) == 16
     for statement in statements:
         if re.match(r"create\s", statement, re.I):
             assert re.match(r"create (table|index|unique index) if not exists ", statement, re.I), statement
