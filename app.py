@@ -24,28 +24,28 @@ from typing import Any
 from threadpoolctl import threadpool_limits
 
 import dashboard
-import replay_batch
-import store_migration
-from bot import SIM_DB_DEFAULT, Bot, Runner
 from candles import MarketData, read_candles_csv
 from clock import SimClock, WallClock
 from config import Settings, allowed_hosts, live_problems, load_settings
 from errors import BadData, BotError, ConfigError, RetryLater
-from exchange import PairRules
-from grid_runner import GridRunner, grid_config, runner_settings
+from grid.exchange import PairRules
+from grid.runner import GridRunner, grid_config, runner_settings
 from http_api import ActionRouter, ApiContext, ApiServer, StatusBoard
-from kraken_client import KrakenPublicClient, PairInfo, UnknownPair
-from kraken_exchange import KrakenExchange
-from kraken_private import KrakenPrivateClient, NonceSource
-from market_sim import SimParams, SimulatedMarket
-from mirrored_store import open_store
-from pair_rules import describe_rules, kraken_table_rules, replay_pair, replay_table_pair, sim_pair
-from replay import ReplayMarket, replay_report, strategies_report
-from replay_plot import write_plot
-from snapshots import current_key, previous_key
-from store import SQLiteStore, Store, StoreLock
-from supabase_store import StoreLease, SupabaseStore
-from trades_backfill import TradesBackfill
+from kraken.exchange import KrakenExchange
+from kraken.pair_rules import describe_rules, kraken_table_rules, replay_pair, replay_table_pair, sim_pair
+from kraken.private_client import KrakenPrivateClient, NonceSource
+from kraken.public_client import KrakenPublicClient, PairInfo, UnknownPair
+from kraken.trades_backfill import TradesBackfill
+from loop.cycle import SIM_DB_DEFAULT, Bot, Runner
+from loop.snapshots import current_key, previous_key
+from market import replay_batch
+from market.replay import ReplayMarket, replay_report, strategies_report
+from market.replay_plot import write_plot
+from market.sim import SimParams, SimulatedMarket
+from store import migration as store_migration
+from store.mirrored import open_store
+from store.sqlite import SQLiteStore, Store, StoreLock
+from store.supabase import StoreLease, SupabaseStore
 
 log = logging.getLogger("bot")
 

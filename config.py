@@ -70,7 +70,7 @@ class Settings:
     SUPABASE_URL: str = _setting(
         "", "Supabase project URL; with SUPABASE_KEY the store is Supabase, DB_PATH its mirror"
     )
-    SUPABASE_KEY: str = _setting("", "Supabase service-role key (see db/supabase_schema.sql)", secret=True)
+    SUPABASE_KEY: str = _setting("", "Supabase service-role key (see store/supabase_schema.sql)", secret=True)
     SUPABASE_TIMEOUT_SEC: float = _setting(5.0, "HTTP timeout of one Supabase request", lo=0.5, hi=60)
     SUPABASE_RETRY_MAX_SEC: float = _setting(
         60.0, "Longest wait between two attempts to send pending writes to Supabase", lo=1, hi=3600

@@ -72,7 +72,7 @@ from scipy.special import gammaln
 
 from candles import Candle, as_arrays
 from errors import BadData
-from regime_policy import REGIMES, RegimeSignal
+from regime.policy import REGIMES, RegimeSignal
 
 log = logging.getLogger(__name__)
 

@@ -35,7 +35,7 @@ from lab import LABEL, RULES, align_secondary, feature_rows, parse_seeds, rollin
 from real_files import detector_pairs
 
 from candles import aggregate
-from market_sim import generate
+from market.sim import generate
 
 TRAIN_1M, TRAIN_15M, TEST = 4000, 1440, 8000
 

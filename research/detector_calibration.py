@@ -29,7 +29,7 @@ from lab import baseline_module, ece, feature_rows, online_probabilities, parse_
 
 from errors import BadData
 from hmm_regime_detector import EMISSION_TEMPERATURE, RegimeDetector
-from model_slot import detector_options
+from regime.model_slot import detector_options
 
 WINDOW = {1: 100, 15: 50}
 

@@ -29,10 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from candles import read_candles_csv
 from config import load_settings
-from grid_engine import GridConfig, Posture, capacity
-from grid_runner import GridRunner, grid_config, runner_settings
-from pair_rules import replay_pair
-from paper_exchange import paper_exchange_factory
+from grid.engine import GridConfig, Posture, capacity
+from grid.paper_exchange import paper_exchange_factory
+from grid.runner import GridRunner, grid_config, runner_settings
+from kraken.pair_rules import replay_pair
 
 DATA = Path(os.environ.get("SHARED_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
 SIX = [DATA / f"{p}USDT_1m.csv" for p in ("DOGE", "ADA", "XRP", "LTC", "LINK", "MATIC")]

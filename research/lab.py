@@ -19,8 +19,8 @@ sys.path.insert(0, str(ROOT))
 
 from candles import Candle, aggregate, read_candles_csv  # noqa: E402
 from hmm_regime_detector import compute_features, stationary_distribution  # noqa: E402
-from market_sim import generate  # noqa: E402
-from regime_policy import REGIMES  # noqa: E402
+from market.sim import generate  # noqa: E402
+from regime.policy import REGIMES  # noqa: E402
 
 DATA = Path(os.environ.get("SHARED_DATA_DIR", ROOT.parent / "shared" / "data"))
 PAIRS = ("DOGE", "ADA", "XRP", "LTC", "LINK", "MATIC")
@@ -230,7 +230,7 @@ from dataclasses import dataclass, field  # noqa: E402
 
 from errors import BadData  # noqa: E402
 from hmm_regime_detector import temper, window_posteriors  # noqa: E402
-from training_depth import quality_tier, retrain_reason  # noqa: E402
+from regime.training_depth import quality_tier, retrain_reason  # noqa: E402
 
 
 def window_probabilities(det, rows: np.ndarray, ends: np.ndarray) -> np.ndarray:
@@ -278,7 +278,7 @@ def rolling_model(candles, make, *, target: int, min_samples: int, interval_sec:
     infers candle ``i`` from its newest ``recent_candles`` feature rows.
     """
     from hmm_regime_detector import UnseparatedStates
-    from model_slot import RETRY_AFTER_FAILURE_SEC, RETRY_AFTER_REJECTION_SEC
+    from regime.model_slot import RETRY_AFTER_FAILURE_SEC, RETRY_AFTER_REJECTION_SEC
 
     rows, row_of = feature_rows(candles)
     n = len(candles)
@@ -364,7 +364,7 @@ def trailing_volatility(candles, horizon: int) -> np.ndarray:
 
 # --- consensus rules and tier runs (research copies of the candidates) ---------------------
 
-from regime_policy import (  # noqa: E402
+from regime.policy import (  # noqa: E402
     BEARISH,
     BULLISH,
     RANGING,

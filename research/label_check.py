@@ -22,7 +22,7 @@ from lab import PAIRS, real_candles, sim_series
 
 from candles import aggregate
 from hmm_regime_detector import RegimeDetector
-from model_slot import detector_options
+from regime.model_slot import detector_options
 
 MARGINS = (0.0, 0.05, 0.1, 0.15, 0.25)
 

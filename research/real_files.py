@@ -50,7 +50,7 @@ from lab import (
 
 from candles import aggregate
 from hmm_regime_detector import RegimeDetector
-from model_slot import detector_options
+from regime.model_slot import detector_options
 
 HORIZON = 60
 SCORE_FROM = 4000

@@ -27,13 +27,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bot import Bot  # noqa: E402
 from candles import read_candles_csv  # noqa: E402
 from clock import SimClock  # noqa: E402
 from config import load_settings  # noqa: E402
-from regime_policy import REGIMES  # noqa: E402
-from replay import ReplayMarket  # noqa: E402
-from store import SQLiteStore  # noqa: E402
+from loop.cycle import Bot  # noqa: E402
+from market.replay import ReplayMarket  # noqa: E402
+from regime.policy import REGIMES  # noqa: E402
+from store.sqlite import SQLiteStore  # noqa: E402
 
 CACHE = ROOT / "research" / ".cache"
 DATA = Path(os.environ.get("SHARED_DATA_DIR", ROOT.parent / "shared" / "data"))

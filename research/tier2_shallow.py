@@ -62,11 +62,11 @@ def shallow_figures(pair: str, make1, make15, rules: list[str]) -> dict:
 
 def check_against_bot(pair: str, minutes: int = 6000) -> None:
     """The real bot's mechanical tier per minute against the replica's, over the first ``minutes``."""
-    from bot import Bot
     from clock import SimClock
     from config import load_settings
-    from replay import ReplayMarket
-    from store import SQLiteStore
+    from loop.cycle import Bot
+    from market.replay import ReplayMarket
+    from store.sqlite import SQLiteStore
 
     ones = real_candles(pair, 1)[:minutes]
     settings = load_settings({"LOG_LEVEL": "WARNING"}, environ={}, env_file=None)

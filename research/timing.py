@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lab import baseline_module, feature_rows, real_candles, sim_series
 
 from hmm_regime_detector import RegimeDetector
-from model_slot import detector_options
+from regime.model_slot import detector_options
 
 
 def main() -> None:

@@ -14,11 +14,11 @@ from fake_llm import FakeLLM
 from threadpoolctl import threadpool_limits
 
 from ai_advisor import Panel
-from bot import Bot
 from clock import SimClock
 from config import Settings, load_settings
-from market_sim import SimulatedMarket
-from store import SQLiteStore
+from loop.cycle import Bot
+from market.sim import SimulatedMarket
+from store.sqlite import SQLiteStore
 
 # One BLAS thread, as the bot runs (app.py): the models' small matrix products are slower on several
 # threads, and far slower on a busy machine. After the imports, so every loaded BLAS is limited.

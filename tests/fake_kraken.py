@@ -57,8 +57,8 @@ from urllib.parse import parse_qsl, urlsplit
 from loopback_server import LoopbackServer
 
 from candles import Candle, aggregate
-from exchange import PairRules
-from kraken_client import Trade
+from grid.exchange import PairRules
+from kraken.public_client import Trade
 
 log = logging.getLogger(__name__)
 

@@ -67,8 +67,8 @@ from urllib.parse import parse_qsl, urlsplit
 
 from loopback_server import LoopbackServer
 
-from store import SCHEMA as STORE_SCHEMA
-from supabase_store import LEASE_SCHEMA
+from store.sqlite import SCHEMA as STORE_SCHEMA
+from store.supabase import LEASE_SCHEMA
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ REST_PREFIX = "/rest/v1/"
 DEFAULT_MAX_ROWS = 1000  # Supabase's default db-max-rows
 DEFAULT_KEY = "test-service-role-key"
 SCHEMA_NAME = "public"
-SCHEMA = STORE_SCHEMA + LEASE_SCHEMA  # every table of db/supabase_schema.sql
+SCHEMA = STORE_SCHEMA + LEASE_SCHEMA  # every table of store/supabase_schema.sql
 JSON_COLUMNS = {"bot_state": frozenset({"data"})}  # jsonb in Postgres, text in the SQLite underneath
 MAX_BODY_BYTES = 16 * 1024 * 1024
 RESERVED_PARAMS = frozenset({"select", "order", "limit", "offset", "on_conflict", "columns"})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from advisor_policy import (
+from advisor.policy import (
     AdvisorSchedule,
     Override,
     Rails,
@@ -20,7 +20,7 @@ from advisor_policy import (
     refusal_reason,
 )
 from errors import ActionRefused
-from regime_policy import TierState
+from regime.policy import TierState
 
 RAILS = Rails(min_conviction=50, default_ttl_sec=1800, max_ttl_sec=3600, max_opinion_age_sec=600)
 NOW = 10_000.0

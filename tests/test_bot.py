@@ -5,11 +5,11 @@ import json
 import pytest
 from conftest import make_sim_bot, run_ticks
 
-from direction_skill import DirectionSkill
 from errors import BadData, ConfigError, RetryLater
 from hmm_regime_detector import RegimeDetector
-from regime_policy import BULLISH, RANGING, RegimeSignal
-from store import SQLiteStore
+from regime.direction_skill import DirectionSkill
+from regime.policy import BULLISH, RANGING, RegimeSignal
+from store.sqlite import SQLiteStore
 
 
 def depth(bot, model="primary"):

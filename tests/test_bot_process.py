@@ -7,7 +7,7 @@ import sqlite3
 import pytest
 from conftest import ROOT
 
-from exchange import PairRules
+from grid.exchange import PairRules
 
 SIM = ["--market", "sim", "--port", "0", "--log-level", "INFO"]
 
@@ -162,7 +162,7 @@ def test_paper_mode_runs_on_kraken_public_data_through_kraken_api_url(tmp_path, 
 
     from fake_kraken import FakeKraken
 
-    from market_sim import generate
+    from market.sim import generate
 
     now = time.time()
     first = int(now // 60 * 60) - 11_000 * 60
@@ -200,9 +200,9 @@ def test_a_fresh_paper_bot_reaches_full_depth_from_trades_in_seconds(tmp_path, b
     from fake_kraken import FakeKraken
 
     from candles import Candle
-    from kraken_client import Trade
-    from market_sim import generate
-    from trades_backfill import aggregate_trades
+    from kraken.public_client import Trade
+    from kraken.trades_backfill import aggregate_trades
+    from market.sim import generate
 
     # Prices from the regime-switching simulator, so that the model's states separate and no fit is
     # rejected by the label check (a pure random walk has no regimes to find); minutes aligned, so that
@@ -241,7 +241,7 @@ def test_a_supabase_outage_never_stops_the_bot_and_a_restart_during_it_restores_
     from fake_kraken import FakeKraken
     from fake_postgrest import FakePostgrest
 
-    from market_sim import generate
+    from market.sim import generate
 
     first = int(time.time() // 60 * 60) - 2000 * 60
     candles, _ = generate(2100, seed=23, start=first)
@@ -327,7 +327,7 @@ BTC_RULES = PairRules("XBTUSD", "BTC", "USD", 1, 8, 0.00005, 0.5, 0.25)
 def recent_candles(n: int, seed: int, scale: float = 1.0):
     import time
 
-    from market_sim import generate
+    from market.sim import generate
 
     first = int(time.time() // 60 * 60) - (n - 100) * 60
     candles, _ = generate(n, seed=seed, start=first)  # history up to now and a little beyond

@@ -1,12 +1,12 @@
 import pytest
 
-from candle_pipeline import CandlePipeline, FeedSpec
 from candles import Candle, OhlcPage
 from clock import SimClock
 from errors import RetryLater
-from market_sim import generate
-from replay import ReplayMarket
-from store import SQLiteStore
+from market.pipeline import CandlePipeline, FeedSpec
+from market.replay import ReplayMarket
+from market.sim import generate
+from store.sqlite import SQLiteStore
 
 PAIR = "XDGUSD"
 

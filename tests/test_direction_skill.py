@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from direction_skill import (
+from regime.direction_skill import (
     Call,
     DirectionSkill,
     SkillSettings,

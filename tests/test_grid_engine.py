@@ -17,8 +17,7 @@ import numpy as np
 import pytest
 
 from candles import Candle
-from exchange import BUY, SELL, Balances, Fill, PairRules
-from grid_engine import (
+from grid.engine import (
     CYCLES_KEPT,
     ENTRY,
     EXIT,
@@ -47,8 +46,9 @@ from grid_engine import (
     to_dict,
     vol_scale,
 )
-from grid_runner import GridRunner
-from paper_exchange import PaperExchange
+from grid.exchange import BUY, SELL, Balances, Fill, PairRules
+from grid.paper_exchange import PaperExchange
+from grid.runner import GridRunner
 
 RULES = PairRules()
 CONFIG = GridConfig(

@@ -14,10 +14,10 @@ import pytest
 
 from candles import Candle
 from errors import RetryLater
-from exchange import BUY, OrderRequest, PairRules
-from grid_engine import EXIT, LONG_BIAS, SHORT_BIAS, GridConfig, Posture, to_dict
-from grid_runner import EquityTrack, GridRunner, RunnerSettings
-from paper_exchange import PaperExchange, paper_exchange_factory
+from grid.engine import EXIT, LONG_BIAS, SHORT_BIAS, GridConfig, Posture, to_dict
+from grid.exchange import BUY, OrderRequest, PairRules
+from grid.paper_exchange import PaperExchange, paper_exchange_factory
+from grid.runner import EquityTrack, GridRunner, RunnerSettings
 
 RULES = PairRules()
 CONFIG = GridConfig(

@@ -6,9 +6,9 @@ import math
 
 import pytest
 
-from exchange import BUY, SELL, Balances
-from grid_engine import GridConfig, GridState, Order, RegimeEdge, kelly
-from grid_signals import (
+from grid.engine import GridConfig, GridState, Order, RegimeEdge, kelly
+from grid.exchange import BUY, SELL, Balances
+from grid.signals import (
     BEARISH,
     BULLISH,
     NEUTRAL,

@@ -8,13 +8,13 @@ import pytest
 from conftest import SIM_START, make_settings, make_sim_bot, run_ticks
 
 import dashboard
-from bot import Bot, Runner
 from clock import SimClock
 from health import FeedFacts, HealthFacts, verdict
 from http_api import ActionRouter, ApiContext, ApiServer, StatusBoard
-from kraken_client import KrakenPublicClient
-from market_sim import generate
-from store import SQLiteStore
+from kraken.public_client import KrakenPublicClient
+from loop.cycle import Bot, Runner
+from market.sim import generate
+from store.sqlite import SQLiteStore
 
 
 def facts(**overrides) -> HealthFacts:

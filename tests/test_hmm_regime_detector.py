@@ -23,8 +23,8 @@ from hmm_regime_detector import (
     temper,
     window_posteriors,
 )
-from market_sim import generate
-from regime_policy import BEARISH, BULLISH, RANGING, REGIMES
+from market.sim import generate
+from regime.policy import BEARISH, BULLISH, RANGING, REGIMES
 
 
 @pytest.fixture(scope="module")

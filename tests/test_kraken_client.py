@@ -18,12 +18,11 @@ import requests
 from conftest import SleepRecorder
 from fake_kraken import BAD_PRICE, BAD_ROW_INDEX, AssetPair, FakeKraken
 
-from candle_pipeline import CandlePipeline, FeedSpec
 from candles import Candle, aggregate
 from clock import SimClock
 from errors import BadData, RetryLater
-from exchange import PairRules
-from kraken_client import (
+from grid.exchange import PairRules
+from kraken.public_client import (
     USER_AGENT,
     KrakenPublicClient,
     UnknownPair,
@@ -32,8 +31,9 @@ from kraken_client import (
     parse_asset_pair,
     parse_ohlc,
 )
-from market_sim import generate
-from store import SQLiteStore
+from market.pipeline import CandlePipeline, FeedSpec
+from market.sim import generate
+from store.sqlite import SQLiteStore
 
 PAIR = "XDGUSD"
 START = 1_767_225_600
@@ -607,7 +607,7 @@ def test_transport_failures_are_described_in_plain_words() -> None:
     """What the pipeline card and the Errors card show, instead of the library's nested repr."""
     import socket as socket_module
 
-    from kraken_client import transport_problem
+    from kraken.public_client import transport_problem
 
     url = "https://api.kraken.com/0/public/OHLC"
 

@@ -25,16 +25,16 @@ import requests
 from conftest import SleepRecorder
 from fake_kraken_private import API_KEY, API_SECRET, FakeKrakenPrivate, expected_signature
 
-import kraken_private
 from candles import Candle
 from clock import SimClock
 from errors import BadData, ConfigError, RetryLater
-from exchange import BUY, SELL, Balances, Fill, OrderRejected, OrderRequest, PairRules
-from grid_engine import GridConfig, Posture, to_dict
-from grid_runner import GridRunner, RunnerSettings
-from kraken_client import UnknownPair
-from kraken_exchange import KrakenExchange, OrderStatus, fill_of, format_amount, order_status
-from kraken_private import (
+from grid.engine import GridConfig, Posture, to_dict
+from grid.exchange import BUY, SELL, Balances, Fill, OrderRejected, OrderRequest, PairRules
+from grid.paper_exchange import PaperExchange, paper_exchange_factory
+from grid.runner import GridRunner, RunnerSettings
+from kraken import private_client as kraken_private
+from kraken.exchange import KrakenExchange, OrderStatus, fill_of, format_amount, order_status
+from kraken.private_client import (
     InvalidNonce,
     KrakenPrivateClient,
     NonceSource,
@@ -44,8 +44,8 @@ from kraken_private import (
     sign,
     valid_cl_ord_id,
 )
-from market_sim import generate
-from paper_exchange import PaperExchange, paper_exchange_factory
+from kraken.public_client import UnknownPair
+from market.sim import generate
 
 START = 1_767_225_600
 CANDLES, _ = generate(240, seed=11)

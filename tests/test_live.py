@@ -17,12 +17,12 @@ from fake_kraken_private import API_KEY, API_SECRET, FakeKrakenPrivate
 
 from candles import Candle
 from clock import SimClock
-from exchange import PairRules
-from grid_engine import GridConfig, Posture
-from grid_runner import GridRunner, RunnerSettings
-from kraken_exchange import KrakenExchange
-from kraken_private import KrakenPrivateClient, NonceSource
-from market_sim import generate
+from grid.engine import GridConfig, Posture
+from grid.exchange import PairRules
+from grid.runner import GridRunner, RunnerSettings
+from kraken.exchange import KrakenExchange
+from kraken.private_client import KrakenPrivateClient, NonceSource
+from market.sim import generate
 
 START = 1_767_225_600
 RULES = PairRules()

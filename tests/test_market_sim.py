@@ -3,8 +3,8 @@ from itertools import pairwise
 
 from candles import aggregate, candle_problem
 from clock import SimClock
-from market_sim import SimulatedMarket, generate
-from regime_policy import REGIMES
+from market.sim import SimulatedMarket, generate
+from regime.policy import REGIMES
 
 START = 1_767_225_600
 

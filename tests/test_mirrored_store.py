@@ -16,14 +16,14 @@ from conftest import StepClock, make_settings, run_ticks
 from fake_kraken import FakeKraken
 from fake_postgrest import FakePostgrest
 
-from bot import Bot
 from candles import Candle
 from clock import SimClock
 from config import load_settings
 from errors import BadData, ConfigError, RetryLater
-from kraken_client import KrakenPublicClient
-from market_sim import generate
-from mirrored_store import (
+from kraken.public_client import KrakenPublicClient
+from loop.cycle import Bot
+from market.sim import generate
+from store.mirrored import (
     MAX_CANDLES_PER_SEND,
     LocalMirror,
     MirroredStore,
@@ -32,8 +32,8 @@ from mirrored_store import (
     next_retry_delay,
     open_store,
 )
-from store import SQLiteStore
-from supabase_store import SupabaseStore
+from store.sqlite import SQLiteStore
+from store.supabase import SupabaseStore
 
 PAIR = "XDGUSD"
 T0 = 1_700_000_040

@@ -2,8 +2,8 @@ import pytest
 
 from errors import BadData
 from hmm_regime_detector import EMISSION_TEMPERATURE, RegimeDetector, UnseparatedStates
-from market_sim import generate
-from model_slot import RETRY_AFTER_FAILURE_SEC, RETRY_AFTER_REJECTION_SEC, ModelSlot, SlotSpec, detector_options
+from market.sim import generate
+from regime.model_slot import RETRY_AFTER_FAILURE_SEC, RETRY_AFTER_REJECTION_SEC, ModelSlot, SlotSpec, detector_options
 
 SPEC = SlotSpec("primary", 1, target=4000, min_samples=500, retrain_interval_sec=86_400)
 

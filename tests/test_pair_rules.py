@@ -6,12 +6,11 @@ from dataclasses import replace
 import pytest
 from conftest import make_settings
 
-import pair_rules
 from candles import Candle
 from errors import BadData, ConfigError
-from exchange import BUY, SELL, PairRules
-from market_sim import SimParams
-from pair_rules import (
+from grid.exchange import BUY, SELL, PairRules
+from kraken import pair_rules
+from kraken.pair_rules import (
     KNOWN_PAIRS,
     derived_pair_name,
     derived_rules,
@@ -24,6 +23,7 @@ from pair_rules import (
     sim_pair,
     split_usd,
 )
+from market.sim import SimParams
 
 ORDER_USD = 20.0  # the default GRID_ORDER_USD
 ENTRY_PCT = 0.35  # the default GRID_ENTRY_PCT: the grid's nearest entry, percent from the price

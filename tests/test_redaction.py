@@ -11,9 +11,9 @@ import pytest
 from loopback_server import LoopbackServer
 
 from errors import BadData, ConfigError
-from kraken_private import KrakenPrivateClient, NonceSource, result_of
+from kraken.private_client import KrakenPrivateClient, NonceSource, result_of
 from redaction import mask_url, scrub
-from supabase_store import SupabaseStore
+from store.supabase import SupabaseStore
 
 KEY = "sk-live-0a1b2c3d4e5f6a7b8c9d"
 SECRET = base64.b64encode(b"kraken-private-secret-bytes-0123456789").decode()

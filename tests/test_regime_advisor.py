@@ -15,14 +15,14 @@ import pytest
 from conftest import SIM_START, StepClock, make_settings, make_sim_bot, run_ticks
 from fake_llm import FakeLLM, Reply
 
+from advisor.runtime import RegimeAdvisor
 from ai_advisor import Panel
-from bot import Bot
 from clock import SimClock
 from errors import ActionRefused, ConfigError
-from market_sim import SimulatedMarket
-from regime_advisor import RegimeAdvisor
-from regime_policy import TierState
-from store import SQLiteStore
+from loop.cycle import Bot
+from market.sim import SimulatedMarket
+from regime.policy import TierState
+from store.sqlite import SQLiteStore
 
 LOCAL = "local-test"
 PAIR = "XDGUSD"

@@ -1,6 +1,6 @@
 import pytest
 
-from regime_policy import (
+from regime.policy import (
     BEARISH,
     BULLISH,
     LONG_BIAS,

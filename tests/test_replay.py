@@ -8,8 +8,8 @@ from conftest import DOGE_1M
 from candles import Candle, read_candles_csv
 from clock import SimClock
 from errors import BadData
-from market_sim import generate
-from replay import ReplayMarket, buy_and_hold, direction_hit_rates, shallow_figures
+from market.replay import ReplayMarket, buy_and_hold, direction_hit_rates, shallow_figures
+from market.sim import generate
 
 START = 1_767_225_600
 

@@ -12,13 +12,12 @@ import signal
 import threading
 from pathlib import Path
 
+import bot
 import pytest
 from test_replay import write_csv
 
-import app
-import replay_batch
-from market_sim import generate
-from replay_batch import (
+from market import replay_batch
+from market.replay_batch import (
     EventReporter,
     ReplayProgress,
     build_summary,
@@ -31,6 +30,7 @@ from replay_batch import (
     report_paths,
     result_line,
 )
+from market.sim import generate
 
 STRATEGY_KEYS = set(replay_batch.STRATEGY_FIELDS)
 REGIME_KEYS = STRATEGY_KEYS | set(replay_batch.REGIME_FIELDS)
@@ -280,29 +280,29 @@ def test_report_paths(tmp_path):
 )
 def test_usage_errors_of_a_batch_exit_2(tmp_path, capsys, extra, message):
     files = [str(tmp_path / "a_1m.csv"), str(tmp_path / "b_1m.csv")]
-    assert app.run(["--replay", *files, *extra]) == 2
+    assert bot.run(["--replay", *files, *extra]) == 2
     assert message in capsys.readouterr().err
 
 
 def test_a_report_dir_that_cannot_exist_is_a_usage_error(tmp_path, capsys):
     (tmp_path / "file").write_text("")
-    assert app.run(["--replay", str(tmp_path / "a_1m.csv"), "--report-dir", str(tmp_path / "file" / "out")]) == 2
+    assert bot.run(["--replay", str(tmp_path / "a_1m.csv"), "--report-dir", str(tmp_path / "file" / "out")]) == 2
     assert "--report-dir" in capsys.readouterr().err
 
 
 def test_batch_flags_need_replay(capsys):
-    assert app.run(["--market", "sim", "--report-dir", "out"]) == 2
+    assert bot.run(["--market", "sim", "--report-dir", "out"]) == 2
     assert "--report-dir only applies to --replay" in capsys.readouterr().err
 
 
 def test_workers_get_the_flags_the_user_gave():
-    parser = app.build_parser()
+    parser = bot.build_parser()
     args = parser.parse_args(["--replay", "a.csv", "b.csv", "--seed", "3", "--log-level", "INFO", "--jobs", "2",
                               "--report-dir", "out", "--env-file", "my.env", "--port", "0"])  # fmt: skip
-    assert forwarded_flags(parser, args, app.BATCH_ONLY_FLAGS) == [
+    assert forwarded_flags(parser, args, bot.BATCH_ONLY_FLAGS) == [
         "--port=0", "--seed=3", "--log-level=INFO", "--env-file=my.env"
     ]  # fmt: skip
-    assert forwarded_flags(parser, parser.parse_args(["--replay", "a.csv"]), app.BATCH_ONLY_FLAGS) == []
+    assert forwarded_flags(parser, parser.parse_args(["--replay", "a.csv"]), bot.BATCH_ONLY_FLAGS) == []
 
 
 # ---------------------------------------------------------------- real batches

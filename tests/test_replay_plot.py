@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from selenium.webdriver.common.by import By
 
-import replay_plot
-from replay_plot import MAX_POINTS, TIER_COLOURS, downsample_indices, render_html, write_plot
+from market import replay_plot
+from market.replay_plot import MAX_POINTS, TIER_COLOURS, downsample_indices, render_html, write_plot
 
 T0 = 1_767_225_600
 STRATEGIES = ("regime_aware", "symmetric", "buy_and_hold")

@@ -9,9 +9,9 @@ from conftest import make_sim_bot
 from test_snapshot_restore import SAVED_AT, good_snapshot
 
 from hmm_regime_detector import RegimeDetector, _pack, _unpack
-from market_sim import generate
-from model_slot import ModelSlot, SlotSpec
-from snapshots import MAX_AMOUNT, SnapshotInvalid, check_snapshot, distrust_message
+from loop.snapshots import MAX_AMOUNT, SnapshotInvalid, check_snapshot, distrust_message
+from market.sim import generate
+from regime.model_slot import ModelSlot, SlotSpec
 
 NOW = SAVED_AT + 60
 

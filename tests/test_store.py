@@ -12,9 +12,9 @@ from fake_postgrest import FakePostgrest
 
 from candles import Candle
 from errors import BadData, ConfigError, RetryLater
-from mirrored_store import LocalMirror, MirroredStore
-from store import SCHEMA, SQLiteStore, StoreLock
-from supabase_store import SupabaseStore
+from store.mirrored import LocalMirror, MirroredStore
+from store.sqlite import SCHEMA, SQLiteStore, StoreLock
+from store.supabase import SupabaseStore
 
 PAIR = "XDGUSD"
 

@@ -20,9 +20,9 @@ from fake_postgrest import FakePostgrest
 
 from candles import Candle
 from errors import ConfigError, RetryLater
-from store import SCHEMA, SQLiteStore
-from store_migration import MigrationReport, backoff_delay, migrate, progress_due, progress_line, run
-from supabase_store import TABLES, SupabaseStore
+from store.migration import MigrationReport, backoff_delay, migrate, progress_due, progress_line, run
+from store.sqlite import SCHEMA, SQLiteStore
+from store.supabase import TABLES, SupabaseStore
 
 T0 = 1_700_000_040
 SERIES = {("XBTUSD", 1): 450, ("XDGUSD", 1): 2600, ("XDGUSD", 15): 180}
@@ -321,7 +321,7 @@ def test_a_config_error_part_way_stops_at_once(source):
     without_fills = SCHEMA.split("CREATE TABLE IF NOT EXISTS fills")[0]
     with FakePostgrest(schema=without_fills) as fake:
         remote = SupabaseStore(fake.url, fake.key)
-        with pytest.raises(ConfigError, match=r"fills.*apply db/supabase_schema\.sql"):
+        with pytest.raises(ConfigError, match=r"fills.*apply store/supabase_schema\.sql"):
             migrate_quietly(source, remote)  # no sleep: a refusal is not retried
         remote.close()
         assert len(fake.rows("ohlcv_candles")) == sum(SERIES.values()) and len(fake.rows("bot_state")) == 2

@@ -1,4 +1,4 @@
-"""``db/supabase_schema.sql`` on a real PostgreSQL (Debian's ``postgresql`` package), not a lookalike.
+"""``store/supabase_schema.sql`` on a real PostgreSQL (Debian's ``postgresql`` package), not a lookalike.
 
 A throwaway cluster on a Unix socket in a temporary directory: the schema applies twice, the
 keys the store writes on (``ON CONFLICT``) exist, and a project set up with the older schema
@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SCHEMA = (ROOT / "db" / "supabase_schema.sql").read_text()
+SCHEMA = (ROOT / "store" / "supabase_schema.sql").read_text()
 
 
 def _bin_dir() -> Path | None:

@@ -15,8 +15,8 @@ from fake_postgrest import FakePostgrest, content_range, range_status, requested
 
 from candles import Candle
 from errors import BadData, ConfigError, RetryLater
-from store import SCHEMA
-from supabase_store import LEASE_SCHEMA, SCHEMA_FILE, StoreLease, SupabaseStore, classify_api_error, parse_tables
+from store.sqlite import SCHEMA
+from store.supabase import LEASE_SCHEMA, SCHEMA_FILE, StoreLease, SupabaseStore, classify_api_error, parse_tables
 
 ROOT = Path(__file__).resolve().parents[1]
 PAIR = "XDGUSD"
@@ -213,7 +213,7 @@ def test_a_missing_table_is_a_config_error_naming_the_schema_file():
     without_fills = SCHEMA.split("CREATE TABLE IF NOT EXISTS fills")[0]
     with FakePostgrest(schema=without_fills) as fake:
         s = SupabaseStore(fake.url, fake.key)
-        with pytest.raises(ConfigError, match=r"404 PGRST205.*fills.*apply db/supabase_schema\.sql"):
+        with pytest.raises(ConfigError, match=r"404 PGRST205.*fills.*apply store/supabase_schema\.sql"):
             s.record_fill(fill_row("a", 1.0))
         with pytest.raises(ConfigError, match="fills"):
             s.check()

@@ -21,14 +21,11 @@ import pytest
 import requests
 from fake_kraken import BAD_PRICE, TRADES_PATH, FakeKraken, trade_ns
 
-from candle_pipeline import CandlePipeline, FeedSpec
 from candles import Candle
 from clock import SimClock
 from errors import BadData, RetryLater
-from kraken_client import KrakenPublicClient, Trade, TradesPage, parse_trades
-from market_sim import SimulatedMarket
-from store import SQLiteStore
-from trades_backfill import (
+from kraken.public_client import KrakenPublicClient, Trade, TradesPage, parse_trades
+from kraken.trades_backfill import (
     PRICE_LEAD_SEC,
     RESUME_WITHIN_SEC,
     BackfillJob,
@@ -39,6 +36,9 @@ from trades_backfill import (
     newest_run,
     plan_backfill,
 )
+from market.pipeline import CandlePipeline, FeedSpec
+from market.sim import SimulatedMarket
+from store.sqlite import SQLiteStore
 
 PAIR = "XDGUSD"
 START = 1_767_225_600

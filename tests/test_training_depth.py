@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from conftest import make_settings
 
-from training_depth import (
+from regime.training_depth import (
     QUALITY_TIERS,
     decay_copies,
     decay_weights,

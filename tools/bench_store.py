@@ -1,6 +1,6 @@
 """Store benchmarks: the Supabase store through the local PostgREST-protocol server.
 
-    python bench_store.py
+    python -m tools.bench_store
 
 Prints the median (and worst) time of a 4000-candle load (newest first, paged
 past the 1000-row cap, returned oldest first) through the real ``supabase``
@@ -21,17 +21,17 @@ import sys
 import time
 from pathlib import Path
 
-from bot import Bot
 from candles import Candle
 from clock import SimClock
 from config import load_settings
-from kraken_client import KrakenPublicClient
-from market_sim import generate
-from mirrored_store import LocalMirror, MirroredStore
-from store import SQLiteStore, Store
-from supabase_store import SupabaseStore
+from kraken.public_client import KrakenPublicClient
+from loop.cycle import Bot
+from market.sim import generate
+from store.mirrored import LocalMirror, MirroredStore
+from store.sqlite import SQLiteStore, Store
+from store.supabase import SupabaseStore
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from fake_kraken import FakeKraken
 from fake_postgrest import FakePostgrest
 

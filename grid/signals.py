@@ -19,7 +19,7 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any
 
-from grid_engine import GridConfig, GridState, RegimeEdge, capacity, kelly
+from grid.engine import GridConfig, GridState, RegimeEdge, capacity, kelly
 
 BULLISH, BEARISH, NEUTRAL = "bullish", "bearish", "neutral"
 REGIME_LABELS = ("RANGING", "BULLISH", "BEARISH")

@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
 
-from advisor_policy import (
+from advisor.policy import (
     AGREE,
     APPLIED,
     DISMISSED,
@@ -44,8 +44,8 @@ from clock import iso_utc
 from config import Settings
 from errors import ActionRefused, RetryLater
 from redaction import scrub
-from regime_policy import TierState
-from store import Store
+from regime.policy import TierState
+from store.sqlite import Store
 
 log = logging.getLogger(__name__)
 

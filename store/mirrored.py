@@ -49,8 +49,8 @@ from typing import Any
 from candles import Candle, merge_candles
 from config import Settings
 from errors import BadData, ConfigError, RetryLater
-from store import SQLiteStore, store_status
-from supabase_store import SupabaseStore
+from store.sqlite import SQLiteStore, store_status
+from store.supabase import SupabaseStore
 
 log = logging.getLogger(__name__)
 

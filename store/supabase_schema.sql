@@ -4,7 +4,7 @@
 -- Apply once per project, before starting the bot with SUPABASE_URL and
 -- SUPABASE_KEY: paste this file into the Supabase dashboard's SQL editor and
 -- run it, or
---     psql "$DATABASE_URL" -v ON_ERROR_STOP=1 -f db/supabase_schema.sql
+--     psql "$DATABASE_URL" -v ON_ERROR_STOP=1 -f store/supabase_schema.sql
 -- (the connection string is under Project Settings > Database). Every
 -- statement is "if not exists": running it again changes nothing.
 --

@@ -72,8 +72,8 @@ from urllib.parse import urlencode
 import requests
 
 from errors import BadData, ConfigError, RetryLater
-from exchange import BUY, SELL, OrderRejected, PairRules
-from kraken_client import ASSET_PAIRS_PATH, PairInfo, parse_asset_pair, transport_problem
+from grid.exchange import BUY, SELL, OrderRejected, PairRules
+from kraken.public_client import ASSET_PAIRS_PATH, PairInfo, parse_asset_pair, transport_problem
 from redaction import scrub
 
 log = logging.getLogger(__name__)

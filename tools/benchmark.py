@@ -1,9 +1,9 @@
 """Benchmarks: prints the numbers the issues ask for (medians and p99s on this machine).
 
-    python benchmark.py            # everything (a few minutes)
-    python benchmark.py --quick    # skip the long runs (replay of the whole file, memory soak)
-    python benchmark.py --json out.json
-    python benchmark.py --only quality --quality-seeds 1-10 --json quality.json   # one section
+    python -m tools.benchmark            # everything (a few minutes)
+    python -m tools.benchmark --quick    # skip the long runs (replay of the whole file, memory soak)
+    python -m tools.benchmark --json out.json
+    python -m tools.benchmark --only quality --quality-seeds 1-10 --json quality.json   # one section
 
 Figures: fitting the 4000-candle primary model, one inference cycle of both
 models, the main-loop cycle without training or network, ``GET /api/status``
@@ -32,21 +32,21 @@ from pathlib import Path
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from bot import Bot
 from candles import aggregate, read_candles_csv
 from clock import SimClock
 from config import load_settings
 from errors import BadData
 from hmm_regime_detector import RegimeDetector, compute_features
-from market_sim import SimulatedMarket, generate
-from model_slot import detector_options
-from regime_policy import RANGING, REGIMES
-from store import SQLiteStore
+from loop.cycle import Bot
+from market.sim import SimulatedMarket, generate
+from regime.model_slot import detector_options
+from regime.policy import RANGING, REGIMES
+from store.sqlite import SQLiteStore
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from bot_process import BotProcess
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]
 DOGE = Path(os.environ.get("SHARED_DATA_DIR", ROOT.parent / "shared" / "data")) / "DOGEUSDT_1m.csv"
 SIM_START = 1_767_225_600
 

@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from clock import iso_utc
-from store import first_non_finite
+from store.sqlite import first_non_finite
 
 SNAPSHOT_VERSION = 1
 CLOCK_SKEW_SEC = 300.0  # another machine's clock (Supabase) may run this far ahead

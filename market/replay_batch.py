@@ -34,11 +34,11 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from errors import ConfigError
-from replay import hit_rate_block
+from market.replay import hit_rate_block
 
 log = logging.getLogger(__name__)
 
-BOT_PY = Path(__file__).resolve().parent / "bot.py"
+BOT_PY = Path(__file__).resolve().parents[1] / "bot.py"
 EVENT_PREFIX = "@replay "
 STRATEGY_NAMES = ("regime_aware", "symmetric", "buy_and_hold")
 STRATEGY_FIELDS = (

@@ -20,25 +20,44 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from advisor.runtime import RegimeAdvisor
 from ai_advisor import Panel, build_regime_context
-from candle_pipeline import CandlePipeline, FeedSpec
 from candles import MarketData
 from clock import Clock, iso_utc
 from config import Settings
-from direction_skill import DirectionSkill, SkillSettings, earned
-from direction_skill import from_dict as skill_from_dict
-from direction_skill import observe as observe_call
-from direction_skill import status as skill_status
-from direction_skill import to_dict as skill_to_dict
 from errors import BadData, ConfigError, RetryLater
-from exchange import PairRules
-from grid_engine import Posture
-from grid_runner import GridRunner, paper_grid
+from grid.engine import Posture
+from grid.exchange import PairRules
+from grid.runner import GridRunner, paper_grid
 from health import HealthFacts, verdict
 from http_api import StatusBoard
-from model_slot import ModelSlot, model_slots
-from regime_advisor import RegimeAdvisor
-from regime_policy import (
+from kraken.trades_backfill import TradesBackfill
+from loop.snapshots import (
+    SNAPSHOT_VERSION,
+    SnapshotInvalid,
+    check_snapshot,
+    current_key,
+    distrust_message,
+    previous_key,
+    rejected_key,
+)
+from loop.status import (
+    advisor_facts,
+    consensus_block,
+    cycle_time_summary,
+    effective_tier_block,
+    model_block,
+    policy_block,
+    regime_tier_block,
+)
+from market.pipeline import CandlePipeline, FeedSpec
+from regime.direction_skill import DirectionSkill, SkillSettings, earned
+from regime.direction_skill import from_dict as skill_from_dict
+from regime.direction_skill import observe as observe_call
+from regime.direction_skill import status as skill_status
+from regime.direction_skill import to_dict as skill_to_dict
+from regime.model_slot import ModelSlot, model_slots
+from regime.policy import (
     NO_SIGNAL,
     SYMMETRIC,
     PolicySignal,
@@ -50,26 +69,7 @@ from regime_policy import (
     next_tier,
     policy_signal,
 )
-from snapshots import (
-    SNAPSHOT_VERSION,
-    SnapshotInvalid,
-    check_snapshot,
-    current_key,
-    distrust_message,
-    previous_key,
-    rejected_key,
-)
-from status import (
-    advisor_facts,
-    consensus_block,
-    cycle_time_summary,
-    effective_tier_block,
-    model_block,
-    policy_block,
-    regime_tier_block,
-)
-from store import Store, first_non_finite
-from trades_backfill import TradesBackfill
+from store.sqlite import Store, first_non_finite
 
 log = logging.getLogger("bot")
 
@@ -840,6 +840,6 @@ class Runner:
 
 
 if __name__ == "__main__":
-    from app import run  # the command line and the wiring of each mode
+    from bot import run  # the command line and the wiring of each mode
 
     sys.exit(run())

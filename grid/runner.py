@@ -26,8 +26,7 @@ from typing import Any
 from candles import Candle
 from config import Settings
 from errors import BadData, RetryLater
-from exchange import Exchange, Fill, OpenOrder, OrderRejected, OrderRequest, PairRules
-from grid_engine import (
+from grid.engine import (
     EXIT,
     NOTES_KEPT,
     Cancel,
@@ -53,7 +52,9 @@ from grid_engine import (
     to_dict,
     vol_scale,
 )
-from grid_signals import (
+from grid.exchange import Exchange, Fill, OpenOrder, OrderRejected, OrderRequest, PairRules
+from grid.paper_exchange import paper_exchange_factory
+from grid.signals import (
     TrendState,
     VolState,
     hourly_vol_pct,
@@ -65,7 +66,6 @@ from grid_signals import (
     vol_from_dict,
     vol_to_dict,
 )
-from paper_exchange import paper_exchange_factory
 
 log = logging.getLogger(__name__)
 

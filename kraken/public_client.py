@@ -30,7 +30,7 @@ import requests
 
 from candles import Candle, OhlcPage, candle_problem
 from errors import BadData, RetryLater
-from exchange import PairRules
+from grid.exchange import PairRules
 
 log = logging.getLogger(__name__)
 

@@ -56,8 +56,8 @@ from candles import Candle
 from config import Settings
 from errors import BadData, ConfigError, RetryLater
 from redaction import mask_url
-from store import FILL_COLUMNS, OPINION_COLUMNS, TRANSITION_COLUMNS
-from supabase_store import CANDLE_COLUMNS, CANDLES, FILLS, OPINIONS, STATE, TABLES, TRANSITIONS, SupabaseStore
+from store.sqlite import FILL_COLUMNS, OPINION_COLUMNS, TRANSITION_COLUMNS
+from store.supabase import CANDLE_COLUMNS, CANDLES, FILLS, OPINIONS, STATE, TABLES, TRANSITIONS, SupabaseStore
 
 log = logging.getLogger(__name__)
 

@@ -45,7 +45,7 @@ from typing import NamedTuple
 from candles import Candle
 from config import Settings
 from errors import BadData, ConfigError
-from exchange import PairRules
+from grid.exchange import PairRules
 
 KRAKEN_MAKER_FEE_PCT = 0.25  # Kraken spot, first maker tier (30-day volume under 10,000 USD)
 DERIVED_LOT_DECIMALS = 8

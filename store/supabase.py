@@ -1,7 +1,7 @@
 """The :class:`store.Store` on Supabase (Postgres behind PostgREST), through the ``supabase`` client.
 
 The contract is exactly :class:`store.SQLiteStore`'s: same tables and columns
-(``db/supabase_schema.sql`` creates them), same results, same errors. Choices:
+(``store/supabase_schema.sql`` creates them), same results, same errors. Choices:
 
 - **Idempotent writes.** Candles are upserted on ``(pair, interval_min, time)``
   (``Prefer: resolution=merge-duplicates``, ``on_conflict``) in batches of
@@ -58,7 +58,7 @@ from supabase import ClientOptions, create_client
 from candles import Candle
 from errors import BadData, ConfigError, RetryLater
 from redaction import mask_url, scrub
-from store import FILL_COLUMNS, OPINION_COLUMNS, SCHEMA, TRANSITION_COLUMNS, state_document, store_status
+from store.sqlite import FILL_COLUMNS, OPINION_COLUMNS, SCHEMA, TRANSITION_COLUMNS, state_document, store_status
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ FILLS = "fills"
 TABLES = (CANDLES, STATE, TRANSITIONS, OPINIONS, FILLS)  # the store's (the SQLite file has the same)
 LEASES = "bot_leases"  # Supabase only: which bot runs a pair
 LEASE_COLUMNS = ("pair", "holder", "host", "store", "pid", "port", "acquired_at", "expires_at")
-# The lease table as SQLite DDL (db/supabase_schema.sql has it for Postgres): the local PostgREST of the tests.
+# The lease table as SQLite DDL (store/supabase_schema.sql has it for Postgres): the local PostgREST of the tests.
 LEASE_SCHEMA = """
 CREATE TABLE IF NOT EXISTS bot_leases (
     pair TEXT PRIMARY KEY,
@@ -88,7 +88,7 @@ LEASE_RENEW_SEC = 30.0
 LEASE_RETRY_SEC = 2.0  # while not held (Supabase was unreachable at start): how often to try again
 CANDLE_COLUMNS = ("time", "open", "high", "low", "close", "volume", "trade_count")
 CANDLE_KEY = "pair,interval_min,time"
-SCHEMA_FILE = "db/supabase_schema.sql"
+SCHEMA_FILE = "store/supabase_schema.sql"
 DEFAULT_TIMEOUT_SEC = 10.0
 RETRY_STATUSES = frozenset({408, 425, 429})
 # Postgres SQLSTATE classes that say "not now": connection, resources, operator intervention, rollback.
@@ -118,7 +118,7 @@ def _split_top_level(body: str) -> list[str]:
 def parse_tables(sql: str) -> dict[str, dict[str, Any]]:
     """``{table: {"columns": {name: type}, "primary_key": [names]}}`` from ``CREATE TABLE`` statements.
 
-    Understands the plain DDL of :data:`store.SCHEMA` and ``db/supabase_schema.sql``
+    Understands the plain DDL of :data:`store.SCHEMA` and ``store/supabase_schema.sql``
     (SQLite and Postgres spellings alike); comments are ignored.
     """
     text = re.sub(r"--[^\n]*", "", sql)

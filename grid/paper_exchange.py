@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from candles import Candle
-from exchange import BUY, SELL, Balances, Fill, OpenOrder, OrderRejected, OrderRequest, PairRules
+from grid.exchange import BUY, SELL, Balances, Fill, OpenOrder, OrderRejected, OrderRequest, PairRules
 
 
 class PaperBook:

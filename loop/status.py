@@ -10,8 +10,8 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from clock import iso_utc
-from regime_policy import LONG_BIAS, SHORT_BIAS, PolicySignal, RegimeSignal, TierDecision, TierState
-from training_depth import TrainingDepth
+from regime.policy import LONG_BIAS, SHORT_BIAS, PolicySignal, RegimeSignal, TierDecision, TierState
+from regime.training_depth import TrainingDepth
 
 
 def _r(x: float | None, digits: int = 4) -> float | None:

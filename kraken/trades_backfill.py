@@ -32,8 +32,8 @@ from typing import Any, NamedTuple, Protocol, cast, runtime_checkable
 from candles import Candle
 from clock import Clock
 from errors import BadData, RetryLater
-from kraken_client import Trade, TradesPage
-from store import Store
+from kraken.public_client import Trade, TradesPage
+from store.sqlite import Store
 
 log = logging.getLogger(__name__)
 

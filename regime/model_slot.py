@@ -26,8 +26,8 @@ from hmm_regime_detector import (
     RegimeDetector,
     UnseparatedStates,
 )
-from regime_policy import NO_SIGNAL, RegimeSignal
-from training_depth import QualityTier, TrainingDepth, decay_copies, quality_tier, retrain_reason, training_depth
+from regime.policy import NO_SIGNAL, RegimeSignal
+from regime.training_depth import QualityTier, TrainingDepth, decay_copies, quality_tier, retrain_reason, training_depth
 
 log = logging.getLogger(__name__)
 

@@ -54,7 +54,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from exchange import BUY, SELL, Balances, Fill, PairRules
+from grid.exchange import BUY, SELL, Balances, Fill, PairRules
 
 ENTRY, EXIT = "entry", "exit"
 LEGS = ("A", "B")

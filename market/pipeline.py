@@ -17,7 +17,7 @@ from itertools import islice
 from candles import Candle, MarketData, candle_problem, merge_candles
 from errors import BadData, RetryLater
 from health import FeedFacts
-from store import Store
+from store.sqlite import Store
 
 log = logging.getLogger(__name__)
 

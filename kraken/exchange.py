@@ -40,9 +40,9 @@ from typing import Any
 
 from candles import Candle
 from errors import BadData, RetryLater
-from exchange import BUY, SELL, Balances, Fill, OpenOrder, OrderRejected, OrderRequest, PairRules
-from kraken_client import PairInfo
-from kraken_private import UNKNOWN_ORDER_ERROR, KrakenPrivateClient, valid_cl_ord_id
+from grid.exchange import BUY, SELL, Balances, Fill, OpenOrder, OrderRejected, OrderRequest, PairRules
+from kraken.private_client import UNKNOWN_ORDER_ERROR, KrakenPrivateClient, valid_cl_ord_id
+from kraken.public_client import PairInfo
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from errors import ActionRefused
-from regime_policy import LONG_BIAS, SHORT_BIAS, SYMMETRIC, TierState
+from regime.policy import LONG_BIAS, SHORT_BIAS, SYMMETRIC, TierState
 
 AGREE, AI_UPGRADE, AI_DOWNGRADE, AI_FLIP = "agree", "ai_upgrade", "ai_downgrade", "ai_flip"
 AGREEMENTS = (AGREE, AI_UPGRADE, AI_DOWNGRADE, AI_FLIP)
