@@ -12,7 +12,6 @@ the exchanges).
 from __future__ import annotations
 
 import logging
-import sys
 import threading
 import time
 from collections import deque
@@ -837,9 +836,3 @@ class Runner:
             return result
 
         return run
-
-
-if __name__ == "__main__":
-    from bot import run  # the command line and the wiring of each mode
-
-    sys.exit(run())

@@ -152,7 +152,7 @@ def test_help_documents_every_flag(tmp_path, bot_process):
         "--pair",
     ):
         assert flag in p.output
-    source = (ROOT / "app.py").read_text()
+    source = (ROOT / "bot.py").read_text()
     assert set(re.findall(r'add_argument\("(--[a-z-]+)"', source)) <= set(re.findall(r"--[a-z-]+", p.output))
 
 

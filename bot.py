@@ -582,3 +582,7 @@ def _write_json_atomically(path: Path, data: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
     os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    sys.exit(run())
