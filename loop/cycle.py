@@ -41,13 +41,14 @@ from loop.snapshots import (
     rejected_key,
 )
 from loop.status import (
+    AdvisorPart,
+    HealthPart,
+    ModelPart,
+    StatusParts,
+    TierPart,
     advisor_facts,
-    consensus_block,
-    cycle_time_summary,
-    effective_tier_block,
-    model_block,
-    policy_block,
-    regime_tier_block,
+    build_status,
+    with_advisor,
 )
 from market.pipeline import CandlePipeline, FeedSpec
 from regime.direction_skill import DirectionSkill, SkillSettings, earned
@@ -656,86 +657,80 @@ class Bot:
         s = self.settings
         modifier = self.confidence_modifier()
 
-        def block(slot: ModelSlot | None) -> dict | None:
+        def model(slot: ModelSlot | None) -> ModelPart | None:
             if slot is None:
                 return None
             interval = slot.spec.interval_min
-            return model_block(
-                interval_min=interval,
-                signal=slot.signal,
-                trained=slot.trained,
-                trained_at=slot.trained_at,
-                transition_matrix=slot.detector.transition_matrix(),
-                depth=slot.depth(self.pipeline.available(interval), now),
-                last_error=slot.last_error,
-            )
+            depth = slot.depth(self.pipeline.available(interval), now)
+            matrix = slot.detector.transition_matrix()
+            return ModelPart(interval, slot.signal, slot.trained, slot.trained_at, matrix, depth, slot.last_error)
 
         pipeline = self.pipeline.health(now)
         age = None if self.last_cycle_at is None else now - self.last_cycle_at
         health = verdict(self.health_facts(), now=now, loop_age_sec=age)
-        status = {
-            "mode": self.mode,
-            "pair": s.PAIR,
-            "now": now,
-            "now_iso": iso_utc(now),
-            "price": self.pipeline.price(),
-            "hmm": {
-                "primary": block(self.primary),
-                "secondary": block(self.secondary),
-                "consensus": consensus_block(self.policy, (s.CONSENSUS_1M_WEIGHT, s.CONSENSUS_15M_WEIGHT)),
-                "policy": policy_block(self.policy, modifier),
-            },
-            "hmm_data_pipeline": pipeline,
-            "regime_tier": regime_tier_block(
-                computed=self.tier_state,
-                directional_enabled=s.REGIME_DIRECTIONAL_ENABLED,
-                pinned_since=self.pinned_since,
-                decision=self.tier_decision,
-                capacity_band=self.capacity_band,
-                transitions=self.transitions,
-                skill={**skill_status(self.skill, self.skill_settings), "gate": s.REGIME_SKILL_GATE},
-                entry_size=self.entry_size(),
+        tier = TierPart(
+            computed=self.tier_state,
+            directional_enabled=s.REGIME_DIRECTIONAL_ENABLED,
+            pinned_since=self.pinned_since,
+            decision=self.tier_decision,
+            capacity_band=self.capacity_band,
+            transitions=tuple(self.transitions),
+            skill={**skill_status(self.skill, self.skill_settings), "gate": s.REGIME_SKILL_GATE},
+            entry_size=self.entry_size(),
+        )
+        parts = StatusParts(
+            mode=self.mode,
+            pair=s.PAIR,
+            now=now,
+            price=self.pipeline.price(),
+            primary=model(self.primary),
+            secondary=model(self.secondary),
+            policy=self.policy,
+            confidence_modifier=modifier,
+            consensus_weights=(s.CONSENSUS_1M_WEIGHT, s.CONSENSUS_15M_WEIGHT),
+            pipeline=pipeline,
+            tier=tier,
+            history=tuple(self.history.to_list()),
+            price_history=tuple(self.price_history),
+            grid=self.grid.status_block(now),
+            trades_backfill=self.backfill.status() if self.backfill is not None else NO_BACKFILL,
+            store=self.store.status(),
+            simulated=self._truth is not None,
+            true_regime=self._truth() if self._truth else None,
+            health=HealthPart(
+                verdict=health,
+                cycles=self.cycles,
+                failing_cycles=self.failing_cycles,
+                last_cycle_at=self.last_cycle_at,
+                cycle_ms=tuple(self.cycle_ms),
+                started_at=self.started_at,
+                errors=tuple(self.errors),
             ),
-            "regime_history_30m": self.history.to_list(),
-            "price_history": list(self.price_history),
-            "ai_regime_advisor": None,  # filled by advisor_view
-            "grid": self.grid.status_block(now),
-            "trades_backfill": self.backfill.status() if self.backfill is not None else NO_BACKFILL,
-            "store": self.store.status(),
-            "sim": {"true_regime": self._truth()} if self._truth else None,
-            "health": {
-                **health,  # ok and reasons: the verdict /healthz gives too
-                "cycles": self.cycles,
-                "failing_cycles": self.failing_cycles,
-                "last_cycle_at": self.last_cycle_at,
-                "cycle_ms": cycle_time_summary(self.cycle_ms),
-                "started_at": self.started_at,
-                "errors": list(self.errors),
-            },
-            "settings": s.redacted(),
-        }
-        return self.advisor_view(status)
+            settings=s.redacted(),
+            advisor=self._advisor_part(),
+        )
+        return build_status(parts)
 
     def advisor_view(self, status: dict[str, Any]) -> dict[str, Any]:
         """``status`` with the advisor block and the effective tier as they are now.
 
-        The main loop uses it for every status; after an operator action the
-        HTTP thread uses it to refresh the published status without waiting
-        for the next cycle.
+        After an operator action the HTTP thread uses it to refresh the
+        published status without waiting for the next cycle.
         """
+        return with_advisor(status, self._advisor_part())
+
+    def _advisor_part(self) -> AdvisorPart:
         now = self.clock.now()
         mech = self.mechanical_state()
         effective, source = self.advisor.effective(mech)
-        ready = self.primary.trained
         block = self.advisor.status_block(
             now,
             mech=mech,
             capacity_band=self.capacity_band,
             directional_enabled=self.settings.REGIME_DIRECTIONAL_ENABLED,
-            ready=ready,
+            ready=self.primary.trained,
         )
-        tier = {**status["regime_tier"], **effective_tier_block(effective, source)}
-        return {**status, "regime_tier": tier, "ai_regime_advisor": block}
+        return AdvisorPart(effective, source, block)
 
     # operator actions (called from HTTP threads through the action router) ----------------
 
