@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from advisor.runtime import RegimeAdvisor
-from ai_advisor import Panel, build_regime_context
+from ai_advisor import AdvisorFacts, ModelFacts, Panel, build_regime_context
 from candles import MarketData
 from clock import Clock, iso_utc
 from config import Settings
@@ -46,7 +46,6 @@ from loop.status import (
     ModelPart,
     StatusParts,
     TierPart,
-    advisor_facts,
     build_status,
     with_advisor,
 )
@@ -481,31 +480,42 @@ class Bot:
         return self.grid.capacity_band
 
     def _advisor_context(self) -> Callable[[], dict[str, Any]]:
-        """Capture what the advisor's context needs, cheaply; the worker thread formats it.
+        """Capture what the advisor's context needs, cheaply; the worker thread formats it."""
+        facts = self.advisor_facts()
+        return lambda: build_regime_context(facts)
+
+    def advisor_facts(self) -> AdvisorFacts:
+        """The facts the advisor's panel judges, as they are now.
 
         Only immutable values and copies are captured (a retrain swaps in a new
         detector, it never changes the old one), so formatting later is safe.
         """
         now, s = self.clock.now(), self.settings
-        models = [
-            (slot.spec.interval_min, slot.detector, slot.signal, slot.trained, slot.trained_at,
-             slot.depth(self.pipeline.available(slot.spec.interval_min), now))
-            for slot in self.slots()
-        ]  # fmt: skip
-        facts = {
-            "pair": s.PAIR,
-            "now": now,
-            "price": self.pipeline.price(),
-            "models": models,
-            "policy": self.policy,
-            "modifier": self.confidence_modifier(),
-            "weights": (s.CONSENSUS_1M_WEIGHT, s.CONSENSUS_15M_WEIGHT),
-            "history": self.history.to_list(),
-            "mechanical": self.mechanical_state(),
-            "capacity_band": self.capacity_band,
-        }
-        operational = self.grid.operational(now)
-        return lambda: build_regime_context(advisor_facts(**facts), operational=operational)
+
+        def model(slot: ModelSlot) -> ModelFacts:
+            depth = slot.depth(self.pipeline.available(slot.spec.interval_min), now)
+            return ModelFacts(
+                interval_min=slot.spec.interval_min,
+                signal=slot.signal,
+                trained=slot.trained,
+                transition_matrix=slot.detector.transition_matrix(),
+                quality_tier=depth.quality_tier,
+                candles=depth.current_candles,
+                target_candles=depth.target_candles,
+            )
+
+        return AdvisorFacts(
+            pair=s.PAIR,
+            now=now,
+            price=self.pipeline.price(),
+            models=tuple(model(slot) for slot in self.slots()),
+            policy=self.policy,
+            confidence_modifier=self.confidence_modifier(),
+            history=tuple(self.history.to_list()),
+            mechanical=self.mechanical_state(),
+            capacity_band=self.capacity_band,
+            operational=self.grid.operational(now),
+        )
 
     def mechanical_state(self) -> TierState:
         if self.settings.REGIME_DIRECTIONAL_ENABLED:

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from ai_advisor import matrix_view, signal_view
 from clock import iso_utc
 from regime.policy import LONG_BIAS, SHORT_BIAS, PolicySignal, RegimeSignal, TierDecision, TierState
 from regime.training_depth import TrainingDepth
@@ -138,18 +139,11 @@ def _r(x: float | None, digits: int = 4) -> float | None:
 def model_block(model: ModelPart | None) -> dict[str, Any] | None:
     if model is None:
         return None
-    probs = model.signal.probabilities
-    matrix = model.transition_matrix
     return {
         "interval_min": model.interval_min,
         "trained": model.trained,
-        "regime": model.signal.regime,
-        "confidence": _r(model.signal.confidence),
-        "bias_signal": _r(model.signal.bias_signal),
-        "probabilities": None
-        if probs is None
-        else {"bearish": _r(probs[0]), "ranging": _r(probs[1]), "bullish": _r(probs[2])},
-        "transition_matrix": None if matrix is None else [[_r(v, 5) for v in row] for row in matrix],
+        **signal_view(model.signal),
+        "transition_matrix": matrix_view(model.transition_matrix),
         "last_trained_at": model.trained_at,
         "training_depth": model.depth.to_dict(),
         "last_error": model.last_error,
@@ -237,47 +231,6 @@ def health_block(health: HealthPart) -> dict[str, Any]:
         "cycle_ms": cycle_time_summary(health.cycle_ms),
         "started_at": health.started_at,
         "errors": list(health.errors),
-    }
-
-
-def advisor_facts(
-    *,
-    pair: str,
-    now: float,
-    price: float | None,
-    models: Iterable[tuple[int, Any, RegimeSignal, bool, float | None, TrainingDepth]],
-    policy: PolicySignal,
-    modifier: float,
-    weights: tuple[float, float],
-    history: list[dict],
-    mechanical: TierState,
-    capacity_band: str,
-) -> dict[str, Any]:
-    """The slice of the status payload that ``ai_advisor.build_regime_context`` reads.
-
-    ``models`` holds ``(interval_min, detector, signal, trained, trained_at, depth)`` per model,
-    primary first, captured by the main loop; this runs later on the advisor's thread.
-    """
-    blocks = [
-        model_block(ModelPart(interval, signal, trained, at, detector.transition_matrix(), depth, None))
-        for interval, detector, signal, trained, at, depth in models
-    ]
-    return {
-        "pair": pair,
-        "now": now,
-        "now_iso": iso_utc(now),
-        "price": price,
-        "hmm": {
-            "primary": blocks[0],
-            "secondary": blocks[1] if len(blocks) > 1 else None,
-            "consensus": consensus_block(policy, weights),
-            "policy": policy_block(policy, modifier),
-        },
-        "regime_history_30m": history,
-        "regime_tier": {
-            "mechanical": {"tier": mechanical.tier, "direction": mechanical.direction, "since": mechanical.since},
-            "capacity_band": capacity_band,
-        },
     }
 
 
