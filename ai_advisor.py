@@ -5,7 +5,7 @@
 * :func:`get_regime_opinion` asks one panelist after another until one gives a
   usable answer. It never raises: every failure becomes the ``error`` field.
 * :func:`parse_opinion` is the strict, pure parser of the output contract.
-* :func:`build_regime_context` turns the status payload into the prompt's facts.
+* :func:`build_regime_context` turns the loop's :class:`AdvisorFacts` into the prompt's facts.
 * :class:`AdvisorWorker` runs the calls on a daemon thread so the main loop
   never waits: a one-slot input queue where the newest context wins, and an
   output queue of finished opinions.
@@ -30,8 +30,10 @@ from typing import Any
 
 import openai
 
+from clock import iso_utc
 from config import Settings
 from redaction import scrub
+from regime.policy import PolicySignal, RegimeSignal, TierState
 
 log = logging.getLogger(__name__)
 
@@ -374,63 +376,102 @@ def _short(text: str, limit: int = 200) -> str:
 # ------------------------------------------------------------------ the context
 
 
-def build_regime_context(status: Mapping[str, Any], operational: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The facts the panel judges, taken from the status payload (SPEC section 6).
+@dataclass(frozen=True)
+class ModelFacts:
+    """One model as the panel sees it, captured by the main loop."""
 
-    ``operational`` holds the grid engine's signals; without a grid engine they
-    are reported as unavailable rather than invented.
+    interval_min: int
+    signal: RegimeSignal
+    trained: bool
+    transition_matrix: list[list[float]] | None
+    quality_tier: str | None  # of the training depth
+    candles: int  # trained on
+    target_candles: int
+
+
+@dataclass(frozen=True)
+class AdvisorFacts:
+    """What the panel judges (SPEC section 6): the loop captures it, the worker formats it.
+
+    Only immutable values and copies, so formatting on another thread is safe.
     """
-    hmm = status.get("hmm") or {}
-    tier = status.get("regime_tier") or {}
 
-    def model(block: Mapping[str, Any] | None) -> dict[str, Any] | None:
-        if not block or not block.get("trained"):
-            return None
-        return {
-            "regime": block.get("regime"),
-            "confidence": block.get("confidence"),
-            "bias_signal": block.get("bias_signal"),
-            "probabilities": block.get("probabilities"),
-        }
+    pair: str
+    now: float
+    price: float | None
+    models: tuple[ModelFacts, ...]  # primary first
+    policy: PolicySignal
+    confidence_modifier: float  # of the training depth
+    history: tuple[Mapping[str, Any], ...]  # the last 30 minutes: ts, regime, conf
+    mechanical: TierState
+    capacity_band: str
+    operational: Mapping[str, Any] | None = None  # the grid engine's signals; None without a grid engine
 
-    primary = hmm.get("primary") or {}
-    depth = primary.get("training_depth") or {}
-    policy = hmm.get("policy") or {}
-    consensus = hmm.get("consensus") or {}
-    mech = tier.get("mechanical") or {}
+
+def _r(x: float, digits: int = 4) -> float:
+    return round(float(x), digits)
+
+
+def signal_view(signal: RegimeSignal) -> dict[str, Any]:
+    """One model's signal, named and rounded as both the panel and the status payload show it."""
+    probs = signal.probabilities
     return {
-        "pair": status.get("pair"),
-        "now": status.get("now_iso"),
-        "price": status.get("price"),
-        "hmm_1m": model(hmm.get("primary")),
-        "hmm_15m": model(hmm.get("secondary")),
+        "regime": signal.regime,
+        "confidence": _r(signal.confidence),
+        "bias_signal": _r(signal.bias_signal),
+        "probabilities": None
+        if probs is None
+        else {"bearish": _r(probs[0]), "ranging": _r(probs[1]), "bullish": _r(probs[2])},
+    }
+
+
+def matrix_view(matrix: list[list[float]] | None) -> list[list[float]] | None:
+    """A transition matrix rounded as both the panel and the status payload show it."""
+    return None if matrix is None else [[_r(v, 5) for v in row] for row in matrix]
+
+
+def _opinion_of(model: ModelFacts | None) -> dict[str, Any] | None:
+    return signal_view(model.signal) if model is not None and model.trained else None
+
+
+def build_regime_context(facts: AdvisorFacts) -> dict[str, Any]:
+    """The facts the panel judges, rounded as the status payload shows them (SPEC section 6).
+
+    Without a grid engine the operational signals are reported as unavailable
+    rather than invented.
+    """
+    primary = facts.models[0]
+    policy, modifier, mech = facts.policy, facts.confidence_modifier, facts.mechanical
+    return {
+        "pair": facts.pair,
+        "now": iso_utc(facts.now),
+        "price": facts.price,
+        "hmm_1m": _opinion_of(primary),
+        "hmm_15m": _opinion_of(facts.models[1] if len(facts.models) > 1 else None),
         "consensus": {
-            "rule": consensus.get("rule"),
-            "active": consensus.get("active"),
-            "agreement": policy.get("agreement"),
-            "effective_regime": policy.get("regime"),
-            "raw_confidence": policy.get("raw_confidence"),
-            "effective_confidence": policy.get("effective_confidence"),
-            "effective_bias": policy.get("bias_signal"),
+            "rule": policy.rule,
+            "active": policy.source == "consensus",
+            "agreement": policy.agreement,
+            "effective_regime": policy.regime,
+            "raw_confidence": _r(policy.confidence),
+            "effective_confidence": _r(policy.confidence * modifier),
+            "effective_bias": _r(policy.bias_signal),
         },
-        "transition_matrix_1m": primary.get("transition_matrix"),
+        "transition_matrix_1m": matrix_view(primary.transition_matrix),
         "training": {
-            "quality_tier": depth.get("quality_tier"),
-            "confidence_modifier": policy.get("confidence_modifier"),
-            "candles": depth.get("current_candles"),
-            "target_candles": depth.get("target_candles"),
+            "quality_tier": primary.quality_tier,
+            "confidence_modifier": modifier,
+            "candles": primary.candles,
+            "target_candles": primary.target_candles,
         },
-        "regime_history_30m": [
-            {"ts": e.get("ts"), "regime": e.get("regime"), "conf": e.get("conf")}
-            for e in status.get("regime_history_30m") or []
-        ],
+        "regime_history_30m": [{"ts": e["ts"], "regime": e["regime"], "conf": e["conf"]} for e in facts.history],
         "mechanical_tier": {
-            "tier": mech.get("tier"),
-            "direction": mech.get("direction"),
-            "since": mech.get("since"),
-            "capacity_band": tier.get("capacity_band"),
+            "tier": mech.tier,
+            "direction": mech.direction,
+            "since": mech.since,
+            "capacity_band": facts.capacity_band,
         },
-        "operational": dict(operational) if operational is not None else OPERATIONAL_UNAVAILABLE,
+        "operational": dict(facts.operational) if facts.operational is not None else OPERATIONAL_UNAVAILABLE,
     }
 
 

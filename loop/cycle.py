@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from advisor.runtime import RegimeAdvisor
-from ai_advisor import Panel, build_regime_context
+from ai_advisor import AdvisorFacts, ModelFacts, Panel, build_regime_context
 from candles import MarketData
 from clock import Clock, iso_utc
 from config import Settings
@@ -41,13 +41,13 @@ from loop.snapshots import (
     rejected_key,
 )
 from loop.status import (
-    advisor_facts,
-    consensus_block,
-    cycle_time_summary,
-    effective_tier_block,
-    model_block,
-    policy_block,
-    regime_tier_block,
+    AdvisorPart,
+    HealthPart,
+    ModelPart,
+    StatusParts,
+    TierPart,
+    build_status,
+    with_advisor,
 )
 from market.pipeline import CandlePipeline, FeedSpec
 from regime.direction_skill import DirectionSkill, SkillSettings, earned
@@ -480,31 +480,42 @@ class Bot:
         return self.grid.capacity_band
 
     def _advisor_context(self) -> Callable[[], dict[str, Any]]:
-        """Capture what the advisor's context needs, cheaply; the worker thread formats it.
+        """Capture what the advisor's context needs, cheaply; the worker thread formats it."""
+        facts = self.advisor_facts()
+        return lambda: build_regime_context(facts)
+
+    def advisor_facts(self) -> AdvisorFacts:
+        """The facts the advisor's panel judges, as they are now.
 
         Only immutable values and copies are captured (a retrain swaps in a new
         detector, it never changes the old one), so formatting later is safe.
         """
         now, s = self.clock.now(), self.settings
-        models = [
-            (slot.spec.interval_min, slot.detector, slot.signal, slot.trained, slot.trained_at,
-             slot.depth(self.pipeline.available(slot.spec.interval_min), now))
-            for slot in self.slots()
-        ]  # fmt: skip
-        facts = {
-            "pair": s.PAIR,
-            "now": now,
-            "price": self.pipeline.price(),
-            "models": models,
-            "policy": self.policy,
-            "modifier": self.confidence_modifier(),
-            "weights": (s.CONSENSUS_1M_WEIGHT, s.CONSENSUS_15M_WEIGHT),
-            "history": self.history.to_list(),
-            "mechanical": self.mechanical_state(),
-            "capacity_band": self.capacity_band,
-        }
-        operational = self.grid.operational(now)
-        return lambda: build_regime_context(advisor_facts(**facts), operational=operational)
+
+        def model(slot: ModelSlot) -> ModelFacts:
+            depth = slot.depth(self.pipeline.available(slot.spec.interval_min), now)
+            return ModelFacts(
+                interval_min=slot.spec.interval_min,
+                signal=slot.signal,
+                trained=slot.trained,
+                transition_matrix=slot.detector.transition_matrix(),
+                quality_tier=depth.quality_tier,
+                candles=depth.current_candles,
+                target_candles=depth.target_candles,
+            )
+
+        return AdvisorFacts(
+            pair=s.PAIR,
+            now=now,
+            price=self.pipeline.price(),
+            models=tuple(model(slot) for slot in self.slots()),
+            policy=self.policy,
+            confidence_modifier=self.confidence_modifier(),
+            history=tuple(self.history.to_list()),
+            mechanical=self.mechanical_state(),
+            capacity_band=self.capacity_band,
+            operational=self.grid.operational(now),
+        )
 
     def mechanical_state(self) -> TierState:
         if self.settings.REGIME_DIRECTIONAL_ENABLED:
@@ -656,86 +667,80 @@ class Bot:
         s = self.settings
         modifier = self.confidence_modifier()
 
-        def block(slot: ModelSlot | None) -> dict | None:
+        def model(slot: ModelSlot | None) -> ModelPart | None:
             if slot is None:
                 return None
             interval = slot.spec.interval_min
-            return model_block(
-                interval_min=interval,
-                signal=slot.signal,
-                trained=slot.trained,
-                trained_at=slot.trained_at,
-                transition_matrix=slot.detector.transition_matrix(),
-                depth=slot.depth(self.pipeline.available(interval), now),
-                last_error=slot.last_error,
-            )
+            depth = slot.depth(self.pipeline.available(interval), now)
+            matrix = slot.detector.transition_matrix()
+            return ModelPart(interval, slot.signal, slot.trained, slot.trained_at, matrix, depth, slot.last_error)
 
         pipeline = self.pipeline.health(now)
         age = None if self.last_cycle_at is None else now - self.last_cycle_at
         health = verdict(self.health_facts(), now=now, loop_age_sec=age)
-        status = {
-            "mode": self.mode,
-            "pair": s.PAIR,
-            "now": now,
-            "now_iso": iso_utc(now),
-            "price": self.pipeline.price(),
-            "hmm": {
-                "primary": block(self.primary),
-                "secondary": block(self.secondary),
-                "consensus": consensus_block(self.policy, (s.CONSENSUS_1M_WEIGHT, s.CONSENSUS_15M_WEIGHT)),
-                "policy": policy_block(self.policy, modifier),
-            },
-            "hmm_data_pipeline": pipeline,
-            "regime_tier": regime_tier_block(
-                computed=self.tier_state,
-                directional_enabled=s.REGIME_DIRECTIONAL_ENABLED,
-                pinned_since=self.pinned_since,
-                decision=self.tier_decision,
-                capacity_band=self.capacity_band,
-                transitions=self.transitions,
-                skill={**skill_status(self.skill, self.skill_settings), "gate": s.REGIME_SKILL_GATE},
-                entry_size=self.entry_size(),
+        tier = TierPart(
+            computed=self.tier_state,
+            directional_enabled=s.REGIME_DIRECTIONAL_ENABLED,
+            pinned_since=self.pinned_since,
+            decision=self.tier_decision,
+            capacity_band=self.capacity_band,
+            transitions=tuple(self.transitions),
+            skill={**skill_status(self.skill, self.skill_settings), "gate": s.REGIME_SKILL_GATE},
+            entry_size=self.entry_size(),
+        )
+        parts = StatusParts(
+            mode=self.mode,
+            pair=s.PAIR,
+            now=now,
+            price=self.pipeline.price(),
+            primary=model(self.primary),
+            secondary=model(self.secondary),
+            policy=self.policy,
+            confidence_modifier=modifier,
+            consensus_weights=(s.CONSENSUS_1M_WEIGHT, s.CONSENSUS_15M_WEIGHT),
+            pipeline=pipeline,
+            tier=tier,
+            history=tuple(self.history.to_list()),
+            price_history=tuple(self.price_history),
+            grid=self.grid.status_block(now),
+            trades_backfill=self.backfill.status() if self.backfill is not None else NO_BACKFILL,
+            store=self.store.status(),
+            simulated=self._truth is not None,
+            true_regime=self._truth() if self._truth else None,
+            health=HealthPart(
+                verdict=health,
+                cycles=self.cycles,
+                failing_cycles=self.failing_cycles,
+                last_cycle_at=self.last_cycle_at,
+                cycle_ms=tuple(self.cycle_ms),
+                started_at=self.started_at,
+                errors=tuple(self.errors),
             ),
-            "regime_history_30m": self.history.to_list(),
-            "price_history": list(self.price_history),
-            "ai_regime_advisor": None,  # filled by advisor_view
-            "grid": self.grid.status_block(now),
-            "trades_backfill": self.backfill.status() if self.backfill is not None else NO_BACKFILL,
-            "store": self.store.status(),
-            "sim": {"true_regime": self._truth()} if self._truth else None,
-            "health": {
-                **health,  # ok and reasons: the verdict /healthz gives too
-                "cycles": self.cycles,
-                "failing_cycles": self.failing_cycles,
-                "last_cycle_at": self.last_cycle_at,
-                "cycle_ms": cycle_time_summary(self.cycle_ms),
-                "started_at": self.started_at,
-                "errors": list(self.errors),
-            },
-            "settings": s.redacted(),
-        }
-        return self.advisor_view(status)
+            settings=s.redacted(),
+            advisor=self._advisor_part(),
+        )
+        return build_status(parts)
 
     def advisor_view(self, status: dict[str, Any]) -> dict[str, Any]:
         """``status`` with the advisor block and the effective tier as they are now.
 
-        The main loop uses it for every status; after an operator action the
-        HTTP thread uses it to refresh the published status without waiting
-        for the next cycle.
+        After an operator action the HTTP thread uses it to refresh the
+        published status without waiting for the next cycle.
         """
+        return with_advisor(status, self._advisor_part())
+
+    def _advisor_part(self) -> AdvisorPart:
         now = self.clock.now()
         mech = self.mechanical_state()
         effective, source = self.advisor.effective(mech)
-        ready = self.primary.trained
         block = self.advisor.status_block(
             now,
             mech=mech,
             capacity_band=self.capacity_band,
             directional_enabled=self.settings.REGIME_DIRECTIONAL_ENABLED,
-            ready=ready,
+            ready=self.primary.trained,
         )
-        tier = {**status["regime_tier"], **effective_tier_block(effective, source)}
-        return {**status, "regime_tier": tier, "ai_regime_advisor": block}
+        return AdvisorPart(effective, source, block)
 
     # operator actions (called from HTTP threads through the action router) ----------------
 

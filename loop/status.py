@@ -1,49 +1,152 @@
 """The status payload of ``GET /api/status`` (SPEC section 12), built by pure functions.
 
-The bot gathers plain values; these functions shape, round and name them.
-Every key is documented in ``README.md`` (section "Status payload").
+The bot gathers its parts into a :class:`StatusParts`; :func:`build_status`
+shapes, rounds and names them, in the order the page and the README show.
+The blocks of the grid, the store, the candle pipeline, the backfill and the
+advisor are built by their owners and placed here as they are. Every key is
+documented in ``README.md`` (section "Status payload").
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
+from ai_advisor import matrix_view, signal_view
 from clock import iso_utc
 from regime.policy import LONG_BIAS, SHORT_BIAS, PolicySignal, RegimeSignal, TierDecision, TierState
 from regime.training_depth import TrainingDepth
+
+
+@dataclass(frozen=True)
+class ModelPart:
+    """One model slot as the status shows it at the status's ``now``."""
+
+    interval_min: int
+    signal: RegimeSignal
+    trained: bool
+    trained_at: float | None
+    transition_matrix: list[list[float]] | None
+    depth: TrainingDepth
+    last_error: str | None
+
+
+@dataclass(frozen=True)
+class TierPart:
+    """The mechanical tier and what gates it (the effective tier comes with the :class:`AdvisorPart`)."""
+
+    computed: TierState
+    directional_enabled: bool
+    pinned_since: float  # the symmetric tier's since while directional tiers only shadow
+    decision: TierDecision | None
+    capacity_band: str
+    transitions: tuple[Mapping[str, Any], ...]
+    skill: Mapping[str, Any] | None
+    entry_size: float
+
+
+@dataclass(frozen=True)
+class AdvisorPart:
+    """The tier the grid follows, with its source, and the advisor's own block (built by the advisor)."""
+
+    effective: TierState
+    source: str  # mechanical | ai_override
+    block: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class HealthPart:
+    verdict: Mapping[str, Any]  # ok and reasons: the verdict /healthz gives too
+    cycles: int
+    failing_cycles: int
+    last_cycle_at: float | None
+    cycle_ms: tuple[float, ...]
+    started_at: float
+    errors: tuple[Mapping[str, Any], ...]
+
+
+@dataclass(frozen=True)
+class StatusParts:
+    """Everything ``GET /api/status`` shows, gathered by the bot at ``now``."""
+
+    mode: str
+    pair: str
+    now: float
+    price: float | None
+    primary: ModelPart
+    secondary: ModelPart | None
+    policy: PolicySignal
+    confidence_modifier: float
+    consensus_weights: tuple[float, float]  # 1m, 15m
+    pipeline: Mapping[str, Any]  # the candle pipeline's health block
+    tier: TierPart
+    history: tuple[Mapping[str, Any], ...]
+    price_history: tuple[Mapping[str, Any], ...]
+    advisor: AdvisorPart
+    grid: Mapping[str, Any]
+    trades_backfill: Mapping[str, Any]
+    store: Mapping[str, Any]
+    simulated: bool
+    true_regime: str | None  # the simulator's ground truth
+    health: HealthPart
+    settings: Mapping[str, Any]  # redacted
+
+
+def build_status(parts: StatusParts) -> dict[str, Any]:
+    """The full ``/api/status`` payload (SPEC section 12)."""
+    p = parts
+    return {
+        "mode": p.mode,
+        "pair": p.pair,
+        "now": p.now,
+        "now_iso": iso_utc(p.now),
+        "price": p.price,
+        "hmm": {
+            "primary": model_block(p.primary),
+            "secondary": model_block(p.secondary),
+            "consensus": consensus_block(p.policy, p.consensus_weights),
+            "policy": policy_block(p.policy, p.confidence_modifier),
+        },
+        "hmm_data_pipeline": p.pipeline,
+        "regime_tier": regime_tier_block(p.tier, p.advisor),
+        "regime_history_30m": list(p.history),
+        "price_history": list(p.price_history),
+        "ai_regime_advisor": p.advisor.block,
+        "grid": p.grid,
+        "trades_backfill": p.trades_backfill,
+        "store": p.store,
+        "sim": {"true_regime": p.true_regime} if p.simulated else None,
+        "health": health_block(p.health),
+        "settings": p.settings,
+    }
+
+
+def with_advisor(status: Mapping[str, Any], advisor: AdvisorPart) -> dict[str, Any]:
+    """``status`` with the advisor's block and the effective tier as they are now.
+
+    After an operator action the published status shows its effect without
+    waiting for the next cycle.
+    """
+    tier = {**status["regime_tier"], **effective_tier_block(advisor.effective, advisor.source)}
+    return {**status, "regime_tier": tier, "ai_regime_advisor": advisor.block}
 
 
 def _r(x: float | None, digits: int = 4) -> float | None:
     return None if x is None else round(float(x), digits)
 
 
-def model_block(
-    *,
-    interval_min: int,
-    signal: RegimeSignal,
-    trained: bool,
-    trained_at: float | None,
-    transition_matrix: list[list[float]] | None,
-    depth: TrainingDepth,
-    last_error: str | None,
-) -> dict[str, Any]:
-    probs = signal.probabilities
+def model_block(model: ModelPart | None) -> dict[str, Any] | None:
+    if model is None:
+        return None
     return {
-        "interval_min": interval_min,
-        "trained": trained,
-        "regime": signal.regime,
-        "confidence": _r(signal.confidence),
-        "bias_signal": _r(signal.bias_signal),
-        "probabilities": None
-        if probs is None
-        else {"bearish": _r(probs[0]), "ranging": _r(probs[1]), "bullish": _r(probs[2])},
-        "transition_matrix": None
-        if transition_matrix is None
-        else [[_r(v, 5) for v in row] for row in transition_matrix],
-        "last_trained_at": trained_at,
-        "training_depth": depth.to_dict(),
-        "last_error": last_error,
+        "interval_min": model.interval_min,
+        "trained": model.trained,
+        **signal_view(model.signal),
+        "transition_matrix": matrix_view(model.transition_matrix),
+        "last_trained_at": model.trained_at,
+        "training_depth": model.depth.to_dict(),
+        "last_error": model.last_error,
     }
 
 
@@ -92,20 +195,11 @@ def suppressed_side(tier: int, direction: str) -> str | None:
     return {LONG_BIAS: "A", SHORT_BIAS: "B"}.get(direction)
 
 
-def regime_tier_block(
-    *,
-    computed: TierState,
-    directional_enabled: bool,
-    pinned_since: float,
-    decision: TierDecision | None,
-    capacity_band: str,
-    transitions: Iterable[Mapping[str, Any]],
-    skill: Mapping[str, Any] | None = None,
-    entry_size: float = 1.0,
-) -> dict[str, Any]:
-    shadow = not directional_enabled
+def regime_tier_block(tier: TierPart, advisor: AdvisorPart) -> dict[str, Any]:
+    computed, decision = tier.computed, tier.decision
+    shadow = not tier.directional_enabled
     mech = (
-        {"tier": 0, "direction": "symmetric", "since": pinned_since}
+        {"tier": 0, "direction": "symmetric", "since": tier.pinned_since}
         if shadow
         else {"tier": computed.tier, "direction": computed.direction, "since": computed.since}
     )
@@ -120,53 +214,23 @@ def regime_tier_block(
             "wanted_direction": decision.wanted_direction if decision else "symmetric",
             "held_because": (decision.reason or None) if decision and not decision.changed else None,
         },
-        **effective_tier_block(TierState(mech["tier"], mech["direction"], mech["since"]), "mechanical"),
-        "capacity_band": capacity_band,
-        "direction_skill": dict(skill) if skill is not None else None,
-        "entry_size": entry_size,
-        "recent_transitions": list(transitions),
+        **effective_tier_block(advisor.effective, advisor.source),
+        "capacity_band": tier.capacity_band,
+        "direction_skill": dict(tier.skill) if tier.skill is not None else None,
+        "entry_size": tier.entry_size,
+        "recent_transitions": list(tier.transitions),
     }
 
 
-def advisor_facts(
-    *,
-    pair: str,
-    now: float,
-    price: float | None,
-    models: Iterable[tuple[int, Any, RegimeSignal, bool, float | None, TrainingDepth]],
-    policy: PolicySignal,
-    modifier: float,
-    weights: tuple[float, float],
-    history: list[dict],
-    mechanical: TierState,
-    capacity_band: str,
-) -> dict[str, Any]:
-    """The slice of the status payload that ``ai_advisor.build_regime_context`` reads.
-
-    ``models`` holds ``(interval_min, detector, signal, trained, trained_at, depth)`` per model,
-    primary first, captured by the main loop; this runs later on the advisor's thread.
-    """
-    blocks = [
-        model_block(interval_min=interval, signal=signal, trained=trained, trained_at=at,
-                    transition_matrix=detector.transition_matrix(), depth=depth, last_error=None)
-        for interval, detector, signal, trained, at, depth in models
-    ]  # fmt: skip
+def health_block(health: HealthPart) -> dict[str, Any]:
     return {
-        "pair": pair,
-        "now": now,
-        "now_iso": iso_utc(now),
-        "price": price,
-        "hmm": {
-            "primary": blocks[0],
-            "secondary": blocks[1] if len(blocks) > 1 else None,
-            "consensus": consensus_block(policy, weights),
-            "policy": policy_block(policy, modifier),
-        },
-        "regime_history_30m": history,
-        "regime_tier": {
-            "mechanical": {"tier": mechanical.tier, "direction": mechanical.direction, "since": mechanical.since},
-            "capacity_band": capacity_band,
-        },
+        **health.verdict,
+        "cycles": health.cycles,
+        "failing_cycles": health.failing_cycles,
+        "last_cycle_at": health.last_cycle_at,
+        "cycle_ms": cycle_time_summary(health.cycle_ms),
+        "started_at": health.started_at,
+        "errors": list(health.errors),
     }
 
 

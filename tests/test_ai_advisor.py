@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+from dataclasses import replace
 
 import pytest
 from conftest import StepClock, make_settings, make_sim_bot, run_ticks
@@ -12,8 +13,10 @@ from fake_llm import Reply
 
 from ai_advisor import (
     OPERATIONAL_UNAVAILABLE,
+    AdvisorFacts,
     AdvisorWorker,
     Job,
+    ModelFacts,
     Panel,
     ParseError,
     build_regime_context,
@@ -21,6 +24,7 @@ from ai_advisor import (
     panel_from_settings,
     parse_opinion,
 )
+from regime.policy import NO_SIGNAL, PolicySignal, TierState
 
 KIMI, LLAMA70, LLAMA8, LOCAL = "kimi-test", "llama70-test", "llama8-test", "local-test"
 CONTEXT = {"pair": "XDGUSD", "price": 0.1}
@@ -292,7 +296,8 @@ def test_context_carries_every_field_the_spec_lists(tmp_path):
     try:
         run_ticks(bot, 5)
         status = bot.status()
-        context = build_regime_context(status, bot.grid.operational(status["now"]))
+        facts = bot.advisor_facts()
+        context = build_regime_context(facts)
         # What the main loop hands the worker (captured now, formatted later) says the same.
         assert bot._advisor_context()() == context
     finally:
@@ -329,13 +334,15 @@ def test_context_carries_every_field_the_spec_lists(tmp_path):
     assert op["capacity_headroom"] == status["grid"]["capacity"]["headroom"]
     assert set(op["kelly"]) >= {"RANGING", "BULLISH", "BEARISH"}
     # Before the grid has run, they are unknown, not made up.
-    assert build_regime_context(status)["operational"] == OPERATIONAL_UNAVAILABLE
+    assert build_regime_context(replace(facts, operational=None))["operational"] == OPERATIONAL_UNAVAILABLE
     json.dumps(context, allow_nan=False)
 
 
 def test_context_of_an_untrained_bot_has_no_model_blocks():
-    status = {"hmm": {"primary": {"trained": False}, "secondary": None}, "regime_tier": {}}
-    context = build_regime_context(status)
+    untrained = ModelFacts(1, NO_SIGNAL, False, None, None, 0, 720)
+    policy = PolicySignal("primary", None, "RANGING", 0.0, 0.0)
+    facts = AdvisorFacts("XDGUSD", 0.0, None, (untrained,), policy, 0.0, (), TierState(0, "symmetric", 0.0), "normal")
+    context = build_regime_context(facts)
     assert context["hmm_1m"] is None and context["hmm_15m"] is None and context["regime_history_30m"] == []
 
 
