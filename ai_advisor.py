@@ -16,7 +16,6 @@ tier (agreement, rails) lives in ``advisor_policy``.
 
 from __future__ import annotations
 
-import email.utils
 import json
 import logging
 import math
@@ -34,6 +33,7 @@ from clock import iso_utc
 from config import Settings
 from redaction import scrub
 from regime.policy import PolicySignal, RegimeSignal, TierState
+from retry import parse_retry_after
 
 log = logging.getLogger(__name__)
 
@@ -355,15 +355,8 @@ def _ask(client: Any, p: Panelist, messages: list[dict[str, str]]) -> Any:
 
 def _retry_after(header: str | None, default: float) -> float:
     """Seconds from a ``Retry-After`` header (seconds or an HTTP date), within [1, 3600]."""
-    seconds = None
-    if header:
-        try:
-            seconds = float(header)
-        except ValueError:
-            parsed = email.utils.parsedate_to_datetime(header) if "," in header else None
-            if parsed is not None:
-                seconds = parsed.timestamp() - time.time()
-    if seconds is None or not math.isfinite(seconds):
+    seconds = parse_retry_after(header, time.time())
+    if seconds is None:
         seconds = default
     return min(MAX_RETRY_AFTER_SEC, max(1.0, seconds))
 

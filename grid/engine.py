@@ -512,10 +512,16 @@ def _refresh_entries(d: _Draft, ev: Tick, scale: float, config: GridConfig) -> N
 def _cancel(d: _Draft, o: Order, reason: str) -> None:
     """Ask the exchange to cancel and free the leg; a part that executed comes back as a Filled."""
     d.orders[o.id] = replace(o, cancelling=True)
+    _free_leg(d, o)
+    d.actions.append(Cancel(o.id, reason))
+
+
+def _free_leg(d: _Draft, o: Order) -> str:
+    """Release the leg ``o`` holds (if it still does) so the next tick may place a new entry there; its key."""
     key = leg_key(o.slot, o.leg)
     if d.legs.get(key) == o.id:
         d.legs[key] = None
-    d.actions.append(Cancel(o.id, reason))
+    return key
 
 
 def _replace_pending_exits(d: _Draft, price: float, scale: float, config: GridConfig) -> None:
@@ -646,8 +652,7 @@ def _on_fill(d: _Draft, fill: Fill, price: float, config: GridConfig) -> None:
         if holds_leg:
             d.legs[key] = oid
         return
-    if holds_leg:
-        d.legs[key] = None
+    _free_leg(d, o)
 
 
 def _book_cycle(d: _Draft, exit_order: Order, fill: Fill, volume: float) -> None:
@@ -697,9 +702,7 @@ def _on_rejected(d: _Draft, ev: Rejected, config: GridConfig) -> None:
         d.orders[o.id] = replace(o, open=False)
         return
     del d.orders[o.id]
-    key = leg_key(o.slot, o.leg)
-    if d.legs.get(key) == o.id:
-        d.legs[key] = None
+    key = _free_leg(d, o)
     kind = "unfunded" if ev.reason == "funds" else "rejected"
     _skip(d, ev.now, key, kind, f"slot {o.slot} {o.leg} {o.side} entry refused by the exchange: {ev.message}")
 
@@ -716,9 +719,7 @@ def _on_gone(d: _Draft, ev: Gone) -> None:
         d.orders[o.id] = replace(o, open=False)
         return
     del d.orders[o.id]
-    key = leg_key(o.slot, o.leg)
-    if d.legs.get(key) == o.id:
-        d.legs[key] = None
+    _free_leg(d, o)
     d.note(ev.now, "reconciled", f"entry {o.id} left the book unfilled")
 
 

@@ -75,6 +75,7 @@ from errors import BadData, ConfigError, RetryLater
 from grid.exchange import BUY, SELL, OrderRejected, PairRules
 from kraken.public_client import ASSET_PAIRS_PATH, PairInfo, parse_asset_pair, transport_problem
 from redaction import scrub
+from retry import backoff_delay, call_with_retries, parse_retry_after
 
 log = logging.getLogger(__name__)
 
@@ -448,23 +449,32 @@ class KrakenPrivateClient:
                 attempt = self._back_off(exc, attempt)
 
     def _public(self, path: str, params: dict[str, str]) -> Any:
-        attempt = 0
-        while True:
-            try:
-                return self._send("GET", path, path, params=params)
-            except RetryLater as exc:
-                attempt = self._back_off(exc, attempt)
+        return call_with_retries(
+            lambda: self._send("GET", path, path, params=params),
+            max_retries=self.max_retries,
+            sleep=self._sleep,
+            on_retry=self._log_retry,
+            cap=MAX_BACKOFF_SEC,
+            retry_after_cap=MAX_RETRY_AFTER_SEC,
+        )
 
     def _back_off(self, exc: RetryLater, attempt: int) -> int:
-        """Sleep before retry ``attempt + 1``, or re-raise ``exc`` when the retries are used up."""
+        """Sleep before retry ``attempt + 1``, or re-raise ``exc`` when the retries are used up.
+
+        :meth:`_private` keeps its own loop (fresh nonces, never re-sending an order that may
+        have arrived); the delay is :func:`retry.backoff_delay`'s, as in :meth:`_public`.
+        """
         if attempt >= self.max_retries:
             raise exc
-        delay = min(MAX_BACKOFF_SEC, 2.0**attempt)
-        if exc.retry_after_sec is not None:
-            delay = min(MAX_RETRY_AFTER_SEC, max(delay, exc.retry_after_sec))
-        log.warning("%s; retry %d/%d in %.1fs", exc, attempt + 1, self.max_retries, delay)
+        delay = backoff_delay(
+            attempt, cap=MAX_BACKOFF_SEC, retry_after=exc.retry_after_sec, retry_after_cap=MAX_RETRY_AFTER_SEC
+        )
+        self._log_retry(exc, attempt + 1, delay)
         self._sleep(delay)
         return attempt + 1
+
+    def _log_retry(self, exc: Exception, retry: int, delay: float) -> None:
+        log.warning("%s; retry %d/%d in %.1fs", exc, retry, self.max_retries, delay)
 
     def _send(self, http_method: str, path: str, what: str, *, unsure: bool = False, **kwargs: Any) -> Any:
         """One HTTP exchange, decoded.
@@ -481,7 +491,8 @@ class KrakenPrivateClient:
             raise NoAnswer(f"Kraken {what}: {problem}") from None
         if resp.status_code != 200:
             if resp.status_code in RETRYABLE_HTTP or unsure:
-                raise NoAnswer(f"Kraken {what}: HTTP {resp.status_code}", retry_after_sec=_retry_after(resp))
+                retry_after = parse_retry_after(resp.headers.get("Retry-After"))
+                raise NoAnswer(f"Kraken {what}: HTTP {resp.status_code}", retry_after_sec=retry_after)
             raise BadData(f"Kraken {what}: HTTP {resp.status_code}")
         try:
             return json.loads(resp.content)
@@ -496,11 +507,3 @@ def _filters(userref: int | None, cl_ord_id: str | None) -> list[tuple[str, str]
     if cl_ord_id is not None:
         params.append(("cl_ord_id", cl_ord_id))
     return params
-
-
-def _retry_after(resp: requests.Response) -> float | None:
-    value = resp.headers.get("Retry-After")
-    try:
-        return max(0.0, float(value)) if value is not None else None
-    except ValueError:
-        return None

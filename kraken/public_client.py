@@ -31,6 +31,7 @@ import requests
 from candles import Candle, OhlcPage, candle_problem
 from errors import BadData, RetryLater
 from grid.exchange import PairRules
+from retry import call_with_retries, parse_retry_after
 
 log = logging.getLogger(__name__)
 
@@ -340,19 +341,17 @@ class KrakenPublicClient:
         )
 
     def _with_retries(self, call: Callable[[], T]) -> T:
-        attempt = 0
-        while True:
-            try:
-                return call()
-            except RetryLater as exc:
-                if attempt >= self.max_retries:
-                    raise
-                delay = min(MAX_BACKOFF_SEC, 2.0**attempt)
-                if exc.retry_after_sec is not None:
-                    delay = min(MAX_RETRY_AFTER_SEC, max(delay, exc.retry_after_sec))
-                attempt += 1
-                log.warning("%s; retry %d/%d in %.1fs", exc, attempt, self.max_retries, delay)
-                self._sleep(delay)
+        return call_with_retries(
+            call,
+            max_retries=self.max_retries,
+            sleep=self._sleep,
+            on_retry=self._log_retry,
+            cap=MAX_BACKOFF_SEC,
+            retry_after_cap=MAX_RETRY_AFTER_SEC,
+        )
+
+    def _log_retry(self, exc: Exception, retry: int, delay: float) -> None:
+        log.warning("%s; retry %d/%d in %.1fs", exc, retry, self.max_retries, delay)
 
     def _get(self, path: str, params: dict[str, Any]) -> Any:
         url = self.base_url + path
@@ -361,7 +360,8 @@ class KrakenPublicClient:
         except requests.RequestException as exc:
             raise RetryLater(f"Kraken {path}: {transport_problem(exc, url, self.timeout)}") from None
         if resp.status_code in RETRYABLE_HTTP:
-            raise RetryLater(f"Kraken {path}: HTTP {resp.status_code}", retry_after_sec=_retry_after(resp))
+            retry_after = parse_retry_after(resp.headers.get("Retry-After"))
+            raise RetryLater(f"Kraken {path}: HTTP {resp.status_code}", retry_after_sec=retry_after)
         if resp.status_code != 200:
             raise BadData(f"Kraken {path}: HTTP {resp.status_code}")
         try:
@@ -405,11 +405,3 @@ def _causes(exc: BaseException | None, depth: int = 0):
     for inner in nested:
         if isinstance(inner, BaseException) and inner is not exc:
             yield from _causes(inner, depth + 1)
-
-
-def _retry_after(resp: requests.Response) -> float | None:
-    value = resp.headers.get("Retry-After")
-    try:
-        return max(0.0, float(value)) if value is not None else None
-    except ValueError:
-        return None

@@ -33,6 +33,7 @@ from candles import Candle
 from clock import Clock
 from errors import BadData, RetryLater
 from kraken.public_client import Trade, TradesPage
+from retry import backoff_delay
 from store.sqlite import Store
 
 log = logging.getLogger(__name__)
@@ -467,9 +468,10 @@ class TradesBackfill:
                         return
                     self._fetch_page(job)
                 except (RetryLater, BadData) as exc:
-                    delay = min(MAX_BACKOFF_SEC, FIRST_BACKOFF_SEC * 2.0**failures)
-                    if isinstance(exc, RetryLater) and exc.retry_after_sec is not None:
-                        delay = max(delay, exc.retry_after_sec)
+                    retry_after = exc.retry_after_sec if isinstance(exc, RetryLater) else None
+                    delay = backoff_delay(
+                        failures, base=FIRST_BACKOFF_SEC, cap=MAX_BACKOFF_SEC, retry_after=retry_after
+                    )
                     failures += 1
                     self._record_error(exc, delay)
                     self._sleep(delay)

@@ -56,6 +56,7 @@ from candles import Candle
 from config import Settings
 from errors import BadData, ConfigError, RetryLater
 from redaction import mask_url
+from retry import backoff_delay as doubling_delay
 from store.sqlite import FILL_COLUMNS, OPINION_COLUMNS, TRANSITION_COLUMNS
 from store.supabase import CANDLE_COLUMNS, CANDLES, FILLS, OPINIONS, STATE, TABLES, TRANSITIONS, SupabaseStore
 
@@ -136,7 +137,7 @@ def backoff_delay(attempt: int, retry_after: float | None) -> float:
     when it sent one, else 1, 2, 4 ... seconds, capped."""
     if retry_after is not None:
         return retry_after
-    return min(BACKOFF_BASE_SEC * 2 ** (attempt - 1), BACKOFF_MAX_SEC)
+    return doubling_delay(attempt - 1, base=BACKOFF_BASE_SEC, cap=BACKOFF_MAX_SEC)
 
 
 def progress_due(before: int, after: int, total: int, steps: int = PROGRESS_STEPS) -> bool:

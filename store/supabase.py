@@ -58,6 +58,7 @@ from supabase import ClientOptions, create_client
 from candles import Candle
 from errors import BadData, ConfigError, RetryLater
 from redaction import mask_url, scrub
+from retry import parse_retry_after
 from store.sqlite import FILL_COLUMNS, OPINION_COLUMNS, SCHEMA, TRANSITION_COLUMNS, state_document, store_status
 
 log = logging.getLogger(__name__)
@@ -192,13 +193,6 @@ def classify_api_error(
     return BadData(text)
 
 
-def _retry_after(value: str | None) -> float | None:
-    try:
-        return max(float(value), 0.0) if value else None
-    except ValueError:
-        return None
-
-
 # The store --------------------------------------------------------------------------
 
 
@@ -250,7 +244,7 @@ class SupabaseStore:
 
     def _note_answer(self, response: httpx.Response) -> None:
         self._answer.status = response.status_code
-        self._answer.retry_after = _retry_after(response.headers.get("retry-after"))
+        self._answer.retry_after = parse_retry_after(response.headers.get("retry-after"))
 
     @contextmanager
     def _faults(self, what: str) -> Iterator[None]:
