@@ -17,6 +17,7 @@ from fake_llm import FakeLLM, Reply
 
 from advisor.runtime import RegimeAdvisor
 from ai_advisor import Panel
+from bot import build_bot
 from clock import SimClock
 from errors import ActionRefused, ConfigError
 from loop.cycle import Bot
@@ -420,7 +421,7 @@ def make_bot(db: Path, llm: FakeLLM, at: float | None = None, **overrides) -> Bo
     settings = advisor_settings(llm, REGIME_MIN_DWELL_SEC=86_400, **overrides)
     clock = SimClock(at if at is not None else SIM_START)
     market = SimulatedMarket(clock, seed=7, start=SIM_START)
-    bot = Bot(settings, mode="sim", clock=clock, market=market, store=SQLiteStore(db))
+    bot = build_bot(settings, mode="sim", clock=clock, market=market, store=SQLiteStore(db))
     bot.start()
     return bot
 
@@ -512,7 +513,7 @@ def test_override_survives_a_restart_while_live_and_is_cleared_once_expired(tmp_
         expired.advisor.stop()
         expired.store.close()
 
-    disabled = Bot(
+    disabled = build_bot(
         make_settings(),
         mode="sim",
         clock=SimClock(applied_at + 1210),
