@@ -264,8 +264,8 @@ def build_app(args: argparse.Namespace, settings: Settings, stop_event: threadin
     board = StatusBoard()
     router = ActionRouter()
     runner = Runner(bot, board, interval_sec=interval, stop_event=stop_event)
-    for name in ("ai_regime_override", "ai_regime_revert", "ai_regime_dismiss"):
-        router.register(name, runner.action(getattr(bot, name)))
+    for name, handler in bot.actions().items():
+        router.register(name, runner.action(handler))
     server = None
     if not args.replay or args.serve:
         ctx = ApiContext(

@@ -722,6 +722,14 @@ class Bot:
 
     # operator actions (called from HTTP threads through the action router) ----------------
 
+    def actions(self) -> dict[str, Callable[[Mapping[str, Any]], dict[str, Any]]]:
+        """The operator actions the router offers, by name."""
+        return {
+            "ai_regime_override": self.ai_regime_override,
+            "ai_regime_revert": self.ai_regime_revert,
+            "ai_regime_dismiss": self.ai_regime_dismiss,
+        }
+
     def ai_regime_override(self, payload: Mapping[str, Any]) -> dict[str, Any]:
         now = self.clock.now()
         result = self.advisor.apply(

@@ -123,10 +123,10 @@ def harness(llm, tmp_path) -> Iterator[Harness]:
     h.close()
 
 
-def refused(call, status: int = 409) -> str:
+def refused(call, kind: str = "refused") -> str:
     with pytest.raises(ActionRefused) as exc:
         call()
-    assert exc.value.status == status
+    assert exc.value.kind == kind
     return str(exc.value)
 
 
@@ -274,10 +274,12 @@ def test_every_refusal_changes_nothing(harness, llm):
     before = harness.status()
     assert refused(harness.apply) == "conviction 30 is below the floor of 50"
     assert harness.status()["opinion"]["blocked_reason"] == "conviction 30 is below the floor of 50"
-    assert refused(lambda: harness.apply(ttl_sec="600"), 400) == "'ttl_sec' must be a number of seconds, got '600'"
-    assert refused(lambda: harness.apply(ttl_sec=True), 400).startswith("'ttl_sec' must be a number")
-    assert refused(lambda: harness.apply(ttl=600), 400) == "unknown field(s) 'ttl' for ai_regime_override"
-    assert refused(lambda: harness.revert(ttl_sec=5), 400).startswith("unknown field(s) 'ttl_sec'")
+    assert (
+        refused(lambda: harness.apply(ttl_sec="600"), "malformed") == "'ttl_sec' must be a number of seconds, got '600'"
+    )
+    assert refused(lambda: harness.apply(ttl_sec=True), "malformed").startswith("'ttl_sec' must be a number")
+    assert refused(lambda: harness.apply(ttl=600), "malformed") == "unknown field(s) 'ttl' for ai_regime_override"
+    assert refused(lambda: harness.revert(ttl_sec=5), "malformed").startswith("unknown field(s) 'ttl_sec'")
     assert refused(harness.revert) == "no override is active"
     assert harness.status() == before
 
