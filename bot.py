@@ -3,6 +3,9 @@
 ``python bot.py`` lands here: :func:`run` parses the flags, loads the settings,
 builds the parts for the mode (:func:`build_app`) and runs the loop until a
 signal, or until a replay's candles run out and its report is written.
+:func:`build_bot` turns the settings into the bot's own parts (models, candle
+pipeline, advisor, grids, error log); tests and tools build the bot through it.
+The loop never imports this module.
 """
 
 from __future__ import annotations
