@@ -3,6 +3,9 @@
 ``python bot.py`` lands here: :func:`run` parses the flags, loads the settings,
 builds the parts for the mode (:func:`build_app`) and runs the loop until a
 signal, or until a replay's candles run out and its report is written.
+:func:`build_bot` turns the settings into the bot's own parts (models, candle
+pipeline, advisor, grids, error log); tests and tools build the bot through it.
+The loop never imports this module.
 """
 
 from __future__ import annotations
@@ -24,24 +27,35 @@ from typing import Any
 from threadpoolctl import threadpool_limits
 
 import dashboard
+from advisor.runtime import RegimeAdvisor
+from ai_advisor import Panel
 from candles import MarketData, read_candles_csv
-from clock import SimClock, WallClock
+from clock import Clock, SimClock, WallClock
 from config import Settings, allowed_hosts, live_problems, load_settings
 from errors import BadData, BotError, ConfigError, RetryLater
+from grid.engine import GridConfig
 from grid.exchange import PairRules
-from grid.runner import GridRunner, grid_config, runner_settings
+from grid.paper_exchange import paper_exchange_factory
+from grid.runner import GridRunner, RunnerSettings
+from hmm_regime_detector import RegimeDetector
 from http_api import ActionRouter, ApiContext, ApiServer, StatusBoard
 from kraken.exchange import KrakenExchange
 from kraken.pair_rules import describe_rules, kraken_table_rules, replay_pair, replay_table_pair, sim_pair
 from kraken.private_client import KrakenPrivateClient, NonceSource
 from kraken.public_client import KrakenPublicClient, PairInfo, UnknownPair
 from kraken.trades_backfill import TradesBackfill
-from loop.cycle import SIM_DB_DEFAULT, Bot, Runner
+from loop.cycle import SIM_DB_DEFAULT, Bot
+from loop.error_log import ErrorLog
+from loop.runner import Runner
 from loop.snapshots import current_key, previous_key
 from market import replay_batch
+from market.pipeline import CandlePipeline, FeedSpec
 from market.replay import ReplayMarket, replay_report, strategies_report
 from market.replay_plot import write_plot
 from market.sim import SimParams, SimulatedMarket
+from regime.direction_skill import SkillSettings
+from regime.model_slot import ModelSlot, SlotSpec, detector_options
+from regime.policy import TierSettings
 from store import migration as store_migration
 from store.mirrored import open_store
 from store.sqlite import SQLiteStore, Store, StoreLock
@@ -177,6 +191,7 @@ def build_app(args: argparse.Namespace, settings: Settings, stop_event: threadin
     rules: PairRules | None = None  # the paper grids' order rules
     interval = s.LOOP_INTERVAL_SEC
     lock = None
+    errors = ErrorLog()  # the Errors card every part reports to
     if args.replay:
         candles = read_candles_csv(args.replay)
         pair, rules, source = replay_pair(args.replay, candles, args.pair, s)
@@ -218,7 +233,7 @@ def build_app(args: argparse.Namespace, settings: Settings, stop_event: threadin
             raise
         mode = "live" if args.live else "paper"
         if args.live:
-            grid = _live_grid(s, clock, store)
+            grid = _live_grid(s, clock, store, errors)
         backfill = TradesBackfill(
             # Its own client: a requests.Session is not shared between threads.
             KrakenPublicClient(
@@ -234,7 +249,7 @@ def build_app(args: argparse.Namespace, settings: Settings, stop_event: threadin
         )
 
     replaying = bool(args.replay)
-    bot = Bot(
+    bot = build_bot(
         s,
         mode=mode,
         clock=clock,
@@ -247,12 +262,13 @@ def build_app(args: argparse.Namespace, settings: Settings, stop_event: threadin
         rules=rules,
         autosave=not replaying,
         interval_sec=interval,
+        errors=errors,
     )
     board = StatusBoard()
     router = ActionRouter()
     runner = Runner(bot, board, interval_sec=interval, stop_event=stop_event)
-    for name in ("ai_regime_override", "ai_regime_revert", "ai_regime_dismiss"):
-        router.register(name, runner.action(getattr(bot, name)))
+    for name, handler in bot.actions().items():
+        router.register(name, runner.action(handler))
     server = None
     if not args.replay or args.serve:
         ctx = ApiContext(
@@ -342,7 +358,7 @@ def _note_pair_info(info: PairInfo, s: Settings) -> None:
         log.warning("Kraken lists %s with status %r: orders may be refused", s.PAIR, info.status)
 
 
-def _live_grid(s: Settings, clock: WallClock, store: Store) -> GridRunner:
+def _live_grid(s: Settings, clock: WallClock, store: Store, errors: ErrorLog) -> GridRunner:
     """The grid on Kraken's private API. It reads the pair's rules and the balance now: a bad key stops the start."""
     client = KrakenPrivateClient(
         s.KRAKEN_API_URL,
@@ -369,6 +385,7 @@ def _live_grid(s: Settings, clock: WallClock, store: Store) -> GridRunner:
         settings=runner_settings(s),
         kind="live",
         record_fill=store.record_fill,
+        record_error=errors.record,
     )
 
 
@@ -393,6 +410,174 @@ def _sim_resume_time(store: Store, s: Settings, *, restore_previous: bool = Fals
     saved = snap.get("saved_at") if snap else None
     usable = isinstance(saved, (int, float)) and math.isfinite(saved) and saved > s.SIM_START
     return float(saved) if usable else float(s.SIM_START)
+
+
+# the bot's parts, from the settings ------------------------------------------------------------
+
+
+def build_bot(
+    settings: Settings,
+    *,
+    mode: str,
+    clock: Clock,
+    market: MarketData,
+    store: Store,
+    truth: Callable[[], str | None] | None = None,
+    panel: Panel | None = None,
+    grid: GridRunner | None = None,
+    rules: PairRules | None = None,
+    baseline: bool = False,
+    backfill: TradesBackfill | None = None,
+    autosave: bool = True,
+    interval_sec: float | None = None,
+    errors: ErrorLog | None = None,
+) -> Bot:
+    """The bot of one pair with every part built from the settings (the one place that wires them).
+
+    ``grid``: the live grid (built with ``errors``), else the paper grid on ``rules`` (the pair's order
+    rules, resolved per mode). ``baseline``: a replay also runs an always-symmetric paper grid.
+    ``errors``: the Errors card the parts report to (a new one unless the caller made one first).
+    """
+    s = settings
+    errors = errors if errors is not None else ErrorLog()
+    primary, secondary = model_slots(s)
+    cadence = {1: s.HMM_OHLCV_SYNC_INTERVAL_SEC, 15: s.HMM_SECONDARY_SYNC_INTERVAL_SEC}
+    feeds = [
+        FeedSpec(slot.spec.interval_min, cadence[slot.spec.interval_min], slot.spec.target, slot.window_size)
+        for slot in (primary, secondary)
+        if slot is not None
+    ]
+    grid = grid or paper_grid(
+        s, rules=rules, id_prefix=s.KRAKEN_ORDER_PREFIX, record_fill=store.record_fill, record_error=errors.record
+    )
+    return Bot(
+        s,
+        mode=mode,
+        clock=clock,
+        market=market,
+        store=store,
+        errors=errors,
+        primary=primary,
+        secondary=secondary,
+        pipeline=CandlePipeline(store, market, s.PAIR, feeds, retention_days=s.OHLCV_RETENTION_DAYS),
+        tier_settings=tier_settings(s),
+        skill_settings=skill_settings(s),
+        advisor=RegimeAdvisor(s, store=store, record_error=errors.record, panel=panel),
+        grid=grid,
+        baseline=paper_grid(s, rules=rules, id_prefix="base") if baseline else None,
+        truth=truth,
+        backfill=backfill,
+        autosave=autosave,
+        interval_sec=interval_sec,
+    )
+
+
+def tier_settings(s: Settings) -> TierSettings:
+    return TierSettings(
+        tier1_confidence=s.REGIME_TIER1_CONFIDENCE,
+        tier2_confidence=s.REGIME_TIER2_CONFIDENCE,
+        tier1_bias_floor=s.REGIME_TIER1_BIAS_FLOOR,
+        tier2_bias_floor=s.REGIME_TIER2_BIAS_FLOOR,
+        hysteresis=s.REGIME_HYSTERESIS,
+        min_dwell_sec=s.REGIME_MIN_DWELL_SEC,
+    )
+
+
+def skill_settings(s: Settings) -> SkillSettings:
+    return SkillSettings(
+        horizon_sec=s.REGIME_SKILL_HORIZON_SEC,
+        halflife_calls=s.REGIME_SKILL_HALFLIFE_CALLS,
+        tier2_hit_rate=s.REGIME_TIER2_MIN_HIT_RATE,
+    )
+
+
+def model_slots(s: Settings) -> tuple[ModelSlot, ModelSlot | None]:
+    """The primary (1m) model and, when enabled, the secondary (15m) one, as configured."""
+
+    def slot(name: str, interval: int, target: int, min_samples: int, recent: int) -> ModelSlot:
+        spec = SlotSpec(
+            name, interval, target, min_samples, s.HMM_RETRAIN_INTERVAL_SEC,
+            s.HMM_DEEP_DECAY_ENABLED, s.HMM_DEEP_DECAY_HALFLIFE,
+        )  # fmt: skip
+        return ModelSlot(
+            spec,
+            lambda: RegimeDetector(
+                recent_candles=recent,
+                confidence_threshold=s.HMM_CONFIDENCE_THRESHOLD,
+                covariance_type=s.HMM_COVARIANCE_TYPE,
+                n_iter=s.HMM_N_ITER,
+                n_init=s.HMM_N_INIT,
+                random_state=s.HMM_RANDOM_STATE,
+                **detector_options(name),
+            ),
+        )
+
+    primary = slot("primary", 1, s.HMM_TRAINING_CANDLES, s.HMM_MIN_TRAIN_SAMPLES, s.HMM_RECENT_CANDLES)
+    secondary = None
+    if s.HMM_SECONDARY_ENABLED:
+        secondary = slot(
+            "secondary", 15, s.HMM_SECONDARY_TRAINING_CANDLES, s.HMM_SECONDARY_MIN_TRAIN_SAMPLES,
+            s.HMM_SECONDARY_RECENT_CANDLES,
+        )  # fmt: skip
+    return primary, secondary
+
+
+def grid_config(s: Settings, rules: PairRules, *, id_prefix: str = "g") -> GridConfig:
+    return GridConfig(
+        rules=rules,
+        slots=s.GRID_SLOTS,
+        entry_pct=s.GRID_ENTRY_PCT,
+        slot_step_pct=s.GRID_SLOT_STEP_PCT,
+        exit_pct=s.GRID_EXIT_PCT,
+        order_quote=s.GRID_ORDER_USD,
+        skew=s.GRID_SKEW,
+        refresh_pct=s.GRID_REFRESH_PCT,
+        grace_sec=s.REGIME_SUPPRESSION_GRACE_SEC,
+        recovery_after_sec=s.RECOVERY_AFTER_SEC,
+        max_open_orders=s.MAX_OPEN_ORDERS,
+        caution_share=s.GRID_CAPACITY_CAUTION_SHARE,
+        stop_share=s.GRID_CAPACITY_STOP_SHARE,
+        max_exposure_quote=s.GRID_MAX_EXPOSURE_USD,
+        max_inventory_quote=s.GRID_MAX_INVENTORY_USD,
+        vol_ref_pct=s.GRID_VOL_REF_PCT,
+        id_prefix=id_prefix,
+    )
+
+
+def runner_settings(s: Settings) -> RunnerSettings:
+    return RunnerSettings(
+        trend_fast=s.GRID_TREND_FAST,
+        trend_slow=s.GRID_TREND_SLOW,
+        trend_band_pct=s.GRID_TREND_BAND_PCT,
+        kelly_min_samples=s.GRID_KELLY_MIN_SAMPLES,
+        reconcile_every_sec=s.GRID_RECONCILE_INTERVAL_SEC,
+        vol_halflife_min=s.GRID_VOL_HALFLIFE_MIN,
+    )
+
+
+def paper_rules(s: Settings) -> PairRules:
+    """The paper exchange's rules: Kraken's XDGUSD figures with the configured fee."""
+    return PairRules(pair=s.PAIR, maker_fee_pct=s.GRID_MAKER_FEE_PCT)
+
+
+def paper_grid(
+    s: Settings,
+    *,
+    rules: PairRules | None = None,
+    id_prefix: str = "g",
+    record_fill: Callable[[dict[str, Any]], None] | None = None,
+    record_error: Callable[[str, str, float], None] | None = None,
+) -> GridRunner:
+    rules = rules or paper_rules(s)
+    make = paper_exchange_factory(rules, start_quote=s.PAPER_START_USD, base_share=s.PAPER_BASE_SHARE)
+    return GridRunner(
+        grid_config(s, rules, id_prefix=id_prefix),
+        make,
+        settings=runner_settings(s),
+        kind="paper",
+        record_fill=record_fill,
+        record_error=record_error,
+    )
 
 
 # A batch handles these itself; every other flag the user gave reaches its workers.

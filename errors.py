@@ -7,11 +7,19 @@
 - :class:`ConfigError` -- the process cannot run as configured. Startup stops
   with the message, which names every offending setting.
 
-Apart from the loop, :class:`ActionRefused` answers an operator action with an
-HTTP status (400 malformed, 409 refused by a rail) and leaves the state unchanged.
+Apart from the loop, :class:`ActionRefused` answers an operator action that
+changed nothing, with a domain reason (``kind``): ``"malformed"`` (the request
+is not one the action takes) or ``"refused"`` (a rail said no). Only the HTTP
+layer turns a kind into a status code.
 """
 
 from __future__ import annotations
+
+from typing import Literal
+
+MALFORMED = "malformed"  # wrong types, an unknown field or an unknown action
+REFUSED = "refused"  # well formed, but a rail said no
+RefusalKind = Literal["malformed", "refused"]
 
 
 class BotError(Exception):
@@ -35,8 +43,10 @@ class ConfigError(BotError):
 
 
 class ActionRefused(Exception):
-    """An operator action answered with an error status (400, 409, ...) that changed nothing."""
+    """An operator action that changed nothing; ``kind`` is :data:`MALFORMED` or :data:`REFUSED`."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, kind: RefusalKind, message: str) -> None:
+        if kind not in (MALFORMED, REFUSED):
+            raise ValueError(f"unknown refusal kind {kind!r}")
         super().__init__(message)
-        self.status = status
+        self.kind = kind

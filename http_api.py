@@ -49,7 +49,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from errors import ActionRefused, ConfigError
+from errors import MALFORMED, REFUSED, ActionRefused, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +119,10 @@ class StatusBoard:
 ActionHandler = Callable[[Mapping[str, Any]], Mapping[str, Any]]
 
 
+# The one place a refused action gets its HTTP status.
+REFUSAL_STATUS = {MALFORMED: 400, REFUSED: 409}
+
+
 class ActionRouter:
     """Maps ``{"action": NAME}`` to the public bot method registered for NAME."""
 
@@ -134,14 +138,14 @@ class ActionRouter:
 
     def dispatch(self, payload: Any) -> dict[str, Any]:
         if not isinstance(payload, dict):
-            raise ActionRefused(400, "the body must be a JSON object")
+            raise ActionRefused(MALFORMED, "the body must be a JSON object")
         name = payload.get("action")
         if not isinstance(name, str):
-            raise ActionRefused(400, "'action' must be a string")
+            raise ActionRefused(MALFORMED, "'action' must be a string")
         handler = self._handlers.get(name)
         if handler is None:
             known = ", ".join(self.actions) or "none yet"
-            raise ActionRefused(400, f"unknown action {name!r} (known: {known})")
+            raise ActionRefused(MALFORMED, f"unknown action {name!r} (known: {known})")
         return {"ok": True, **handler(payload)}
 
 
@@ -358,7 +362,7 @@ def _handle_action(ctx: ApiContext, headers: Mapping[str, str], read_body: Calla
     try:
         return json_response(200, ctx.router.dispatch(payload))
     except ActionRefused as exc:
-        return error_response(exc.status, str(exc))
+        return error_response(REFUSAL_STATUS[exc.kind], str(exc))
 
 
 class _DeadlineReader(io.RawIOBase):

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from errors import ActionRefused
+from errors import REFUSED, ActionRefused
 from regime.policy import LONG_BIAS, SHORT_BIAS, SYMMETRIC, TierState
 
 AGREE, AI_UPGRADE, AI_DOWNGRADE, AI_FLIP = "agree", "ai_upgrade", "ai_downgrade", "ai_flip"
@@ -196,7 +196,7 @@ def plan_override(
     directional_enabled: bool,
     rails: Rails,
 ) -> OverridePlan:
-    """The override that Apply sets, or :class:`ActionRefused` (409) naming the rail that refused it."""
+    """The override that Apply sets, or :class:`ActionRefused` (refused) naming the rail that refused it."""
     reason = refusal_reason(
         opinion,
         mech,
@@ -207,7 +207,7 @@ def plan_override(
         rails=rails,
     )
     if reason is not None:
-        raise ActionRefused(409, reason)
+        raise ActionRefused(REFUSED, reason)
     assert opinion is not None
     tier, direction, tier_clamped = one_step(mech, opinion["recommended_tier"], opinion["recommended_direction"])
     ttl, ttl_clamped = clamp_ttl(ttl_sec, rails)

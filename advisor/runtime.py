@@ -42,7 +42,7 @@ from advisor.policy import (
 from ai_advisor import AdvisorWorker, Job, Panel, get_regime_opinion
 from clock import iso_utc
 from config import Settings
-from errors import ActionRefused, RetryLater
+from errors import MALFORMED, REFUSED, ActionRefused, RetryLater
 from redaction import scrub
 from regime.policy import TierState
 from store.sqlite import Store
@@ -300,7 +300,7 @@ class RegimeAdvisor:
         self._require_enabled()
         with self._lock:
             if self.override is None:
-                raise ActionRefused(409, "no override is active")
+                raise ActionRefused(REFUSED, "no override is active")
             ended = self.override
             self.override = None
             self._mark(ended.opinion_ts, REVERTED)
@@ -315,14 +315,14 @@ class RegimeAdvisor:
         with self._lock:
             opinion = self.opinion
             if opinion is None:
-                raise ActionRefused(409, "there is no current opinion to dismiss")
+                raise ActionRefused(REFUSED, "there is no current opinion to dismiss")
             agreement = self._agreement(opinion, mech)
             if agreement == AGREE:
-                raise ActionRefused(409, "the current opinion agrees with the mechanical tier: nothing to dismiss")
+                raise ActionRefused(REFUSED, "the current opinion agrees with the mechanical tier: nothing to dismiss")
             if self.dismissed:
-                raise ActionRefused(409, "the current opinion is already dismissed")
+                raise ActionRefused(REFUSED, "the current opinion is already dismissed")
             if self.override is not None and self.override.opinion_ts == opinion["ts"]:
-                raise ActionRefused(409, "the current opinion is applied as an override: use ai_regime_revert")
+                raise ActionRefused(REFUSED, "the current opinion is applied as an override: use ai_regime_revert")
             self.dismissed = True
             self._mark(opinion["ts"], DISMISSED)
         log.info("operator action: AI opinion of %s dismissed", iso_utc(opinion["ts"]))
@@ -330,7 +330,7 @@ class RegimeAdvisor:
 
     def _require_enabled(self) -> None:
         if not self.enabled:
-            raise ActionRefused(409, "the AI advisor is disabled (AI_REGIME_ADVISOR_ENABLED=false)")
+            raise ActionRefused(REFUSED, "the AI advisor is disabled (AI_REGIME_ADVISOR_ENABLED=false)")
 
     @staticmethod
     def _agreement(opinion: Mapping[str, Any], mech: TierState) -> str:
@@ -479,15 +479,15 @@ class RegimeAdvisor:
 
 
 def _validate(payload: Mapping[str, Any], allowed: set[str]) -> float | None:
-    """Check an action body's fields (400 on unknown fields or wrong types); return ``ttl_sec``."""
+    """Check an action body's fields (malformed: unknown fields or wrong types); return ``ttl_sec``."""
     unknown = sorted(set(payload) - allowed - {"action"})
     if unknown:
-        raise ActionRefused(400, f"unknown field(s) {', '.join(map(repr, unknown))} for {payload.get('action')}")
+        raise ActionRefused(MALFORMED, f"unknown field(s) {', '.join(map(repr, unknown))} for {payload.get('action')}")
     ttl = payload.get("ttl_sec")
     if ttl is None:
         return None
     if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not math.isfinite(ttl):
-        raise ActionRefused(400, f"'ttl_sec' must be a number of seconds, got {ttl!r}")
+        raise ActionRefused(MALFORMED, f"'ttl_sec' must be a number of seconds, got {ttl!r}")
     return float(ttl)
 
 

@@ -24,7 +24,6 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from candles import Candle
-from config import Settings
 from errors import BadData, RetryLater
 from grid.engine import (
     EXIT,
@@ -52,8 +51,7 @@ from grid.engine import (
     to_dict,
     vol_scale,
 )
-from grid.exchange import Exchange, Fill, OpenOrder, OrderRejected, OrderRequest, PairRules
-from grid.paper_exchange import paper_exchange_factory
+from grid.exchange import Exchange, Fill, OpenOrder, OrderRejected, OrderRequest
 from grid.signals import (
     TrendState,
     VolState,
@@ -466,64 +464,6 @@ class GridRunner:
         )
         last = data.get("last_candle_time")
         self.last_candle_time = int(last) if last is not None else None
-
-
-def grid_config(s: Settings, rules: PairRules, *, id_prefix: str = "g") -> GridConfig:
-    return GridConfig(
-        rules=rules,
-        slots=s.GRID_SLOTS,
-        entry_pct=s.GRID_ENTRY_PCT,
-        slot_step_pct=s.GRID_SLOT_STEP_PCT,
-        exit_pct=s.GRID_EXIT_PCT,
-        order_quote=s.GRID_ORDER_USD,
-        skew=s.GRID_SKEW,
-        refresh_pct=s.GRID_REFRESH_PCT,
-        grace_sec=s.REGIME_SUPPRESSION_GRACE_SEC,
-        recovery_after_sec=s.RECOVERY_AFTER_SEC,
-        max_open_orders=s.MAX_OPEN_ORDERS,
-        caution_share=s.GRID_CAPACITY_CAUTION_SHARE,
-        stop_share=s.GRID_CAPACITY_STOP_SHARE,
-        max_exposure_quote=s.GRID_MAX_EXPOSURE_USD,
-        max_inventory_quote=s.GRID_MAX_INVENTORY_USD,
-        vol_ref_pct=s.GRID_VOL_REF_PCT,
-        id_prefix=id_prefix,
-    )
-
-
-def runner_settings(s: Settings) -> RunnerSettings:
-    return RunnerSettings(
-        trend_fast=s.GRID_TREND_FAST,
-        trend_slow=s.GRID_TREND_SLOW,
-        trend_band_pct=s.GRID_TREND_BAND_PCT,
-        kelly_min_samples=s.GRID_KELLY_MIN_SAMPLES,
-        reconcile_every_sec=s.GRID_RECONCILE_INTERVAL_SEC,
-        vol_halflife_min=s.GRID_VOL_HALFLIFE_MIN,
-    )
-
-
-def paper_rules(s: Settings) -> PairRules:
-    """The paper exchange's rules: Kraken's XDGUSD figures with the configured fee."""
-    return PairRules(pair=s.PAIR, maker_fee_pct=s.GRID_MAKER_FEE_PCT)
-
-
-def paper_grid(
-    s: Settings,
-    *,
-    rules: PairRules | None = None,
-    id_prefix: str = "g",
-    record_fill: Callable[[dict[str, Any]], None] | None = None,
-    record_error: Callable[[str, str, float], None] | None = None,
-) -> GridRunner:
-    rules = rules or paper_rules(s)
-    make = paper_exchange_factory(rules, start_quote=s.PAPER_START_USD, base_share=s.PAPER_BASE_SHARE)
-    return GridRunner(
-        grid_config(s, rules, id_prefix=id_prefix),
-        make,
-        settings=runner_settings(s),
-        kind="paper",
-        record_fill=record_fill,
-        record_error=record_error,
-    )
 
 
 def newer_than(candles: Sequence[Candle], time: int | None) -> list[Candle]:

@@ -1,9 +1,9 @@
 """Regime-aware grid bot for Kraken: the main loop.
 
 ``python bot.py --help`` lists the modes and flags (the command line and the
-wiring of each mode are in ``app``). One :meth:`Bot.tick` is one cycle of
-SPEC section 0, in the same order; :class:`Runner` owns pacing, the heartbeat
-and stopping. Decisions live in pure modules (``training_depth``,
+wiring that builds the bot's parts are in ``bot``). One :meth:`Bot.tick` is one
+cycle of SPEC section 0, in the same order; ``loop.runner.Runner`` owns pacing,
+the heartbeat and stopping. Decisions live in pure modules (``training_depth``,
 ``regime_policy``, ``advisor_policy``, ``grid_engine``); I/O lives in adapters
 (``store``, ``kraken_client``, ``market_sim``, ``replay``, ``http_api``,
 the exchanges).
@@ -20,17 +20,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from advisor.runtime import RegimeAdvisor
-from ai_advisor import AdvisorFacts, ModelFacts, Panel, build_regime_context
+from ai_advisor import AdvisorFacts, ModelFacts, build_regime_context
 from candles import MarketData
 from clock import Clock, iso_utc
 from config import Settings
 from errors import BadData, ConfigError, RetryLater
 from grid.engine import Posture
-from grid.exchange import PairRules
-from grid.runner import GridRunner, paper_grid
+from grid.runner import GridRunner
 from health import HealthFacts, verdict
-from http_api import StatusBoard
 from kraken.trades_backfill import TradesBackfill
+from loop.error_log import ErrorLog
 from loop.snapshots import (
     SNAPSHOT_VERSION,
     SnapshotInvalid,
@@ -49,13 +48,13 @@ from loop.status import (
     build_status,
     with_advisor,
 )
-from market.pipeline import CandlePipeline, FeedSpec
+from market.pipeline import CandlePipeline
 from regime.direction_skill import DirectionSkill, SkillSettings, earned
 from regime.direction_skill import from_dict as skill_from_dict
 from regime.direction_skill import observe as observe_call
 from regime.direction_skill import status as skill_status
 from regime.direction_skill import to_dict as skill_to_dict
-from regime.model_slot import ModelSlot, model_slots
+from regime.model_slot import ModelSlot
 from regime.policy import (
     NO_SIGNAL,
     SYMMETRIC,
@@ -145,44 +144,34 @@ class Bot:
         clock: Clock,
         market: MarketData,
         store: Store,
+        errors: ErrorLog,
+        primary: ModelSlot,
+        secondary: ModelSlot | None,
+        pipeline: CandlePipeline,
+        tier_settings: TierSettings,
+        skill_settings: SkillSettings,
+        advisor: RegimeAdvisor,
+        grid: GridRunner,
+        baseline: GridRunner | None = None,
         truth: Callable[[], str | None] | None = None,
-        panel: Panel | None = None,
-        grid: GridRunner | None = None,
-        rules: PairRules | None = None,
-        baseline: bool = False,
         backfill: TradesBackfill | None = None,
         autosave: bool = True,
         interval_sec: float | None = None,
     ) -> None:
+        """Only stores the parts; ``bot.build_bot`` builds them from the settings."""
         s = settings
         self.settings, self.mode, self.clock, self.market, self.store = s, mode, clock, market, store
         self._truth = truth
         self.snapshot_key = current_key(s.PAIR)
 
-        self.primary, self.secondary = model_slots(s)
-        cadence = {1: s.HMM_OHLCV_SYNC_INTERVAL_SEC, 15: s.HMM_SECONDARY_SYNC_INTERVAL_SEC}
-        feeds = [
-            FeedSpec(slot.spec.interval_min, cadence[slot.spec.interval_min], slot.spec.target, slot.window_size)
-            for slot in self.slots()
-        ]
-        self.pipeline = CandlePipeline(store, market, s.PAIR, feeds, retention_days=s.OHLCV_RETENTION_DAYS)
-        self.tier_settings = TierSettings(
-            tier1_confidence=s.REGIME_TIER1_CONFIDENCE,
-            tier2_confidence=s.REGIME_TIER2_CONFIDENCE,
-            tier1_bias_floor=s.REGIME_TIER1_BIAS_FLOOR,
-            tier2_bias_floor=s.REGIME_TIER2_BIAS_FLOOR,
-            hysteresis=s.REGIME_HYSTERESIS,
-            min_dwell_sec=s.REGIME_MIN_DWELL_SEC,
-        )
+        self.primary, self.secondary = primary, secondary
+        self.pipeline = pipeline
+        self.tier_settings = tier_settings
 
         now = clock.now()
         self.started_at = now
         self.tier_state = TierState(0, SYMMETRIC, now)  # computed every cycle ("would be" in shadow mode)
-        self.skill_settings = SkillSettings(
-            horizon_sec=s.REGIME_SKILL_HORIZON_SEC,
-            halflife_calls=s.REGIME_SKILL_HALFLIFE_CALLS,
-            tier2_hit_rate=s.REGIME_TIER2_MIN_HIT_RATE,
-        )
+        self.skill_settings = skill_settings
         self.skill = DirectionSkill()  # how well the signal's direction calls have done
         self.pinned_since = now
         self.tier_decision: TierDecision | None = None
@@ -190,7 +179,7 @@ class Bot:
         self.history = RegimeHistory(1800.0)
         self.price_history: deque[dict] = deque(maxlen=PRICE_HISTORY_LEN)
         self.transitions: deque[dict] = deque(maxlen=10)
-        self.errors: deque[dict] = deque(maxlen=20)
+        self.errors = errors  # the Errors card, shared with the parts that report problems
         self.stats = RunStats()
         self.cycles = 0
         self.interval_sec = interval_sec or s.LOOP_INTERVAL_SEC  # how often the runner calls tick
@@ -204,12 +193,9 @@ class Bot:
         self._dirty = False
         self._saved_snapshot: dict[str, Any] | None = None
         self._save_lock = threading.Lock()  # the loop's snapshot vs an operator action's
-        self.advisor = RegimeAdvisor(s, store=store, record_error=self.record_error, panel=panel)
-        # ``rules``: the pair's order rules for the paper grids (app resolves them per mode).
-        self.grid = grid or paper_grid(s, rules=rules, id_prefix=s.KRAKEN_ORDER_PREFIX, record_fill=store.record_fill)
-        self.grid.record_error = self.record_error
-        # A replay also runs an always-symmetric grid on the same candles, as the baseline to beat.
-        self.baseline = paper_grid(s, rules=rules, id_prefix="base") if baseline else None
+        self.advisor = advisor
+        self.grid = grid
+        self.baseline = baseline  # a replay's always-symmetric grid on the same candles, the baseline to beat
         self.backfill = backfill  # None where the market has no trades (sim, replay)
         self.autosave = autosave
 
@@ -527,10 +513,7 @@ class Bot:
 
     def record_error(self, source: str, message: str, now: float) -> None:
         """Show a problem in the Errors card; the same problem again only updates its time and count."""
-        if self.errors and (last := self.errors[0])["source"] == source and last["message"] == message:
-            self.errors[0] = {**last, "ts": now, "count": last.get("count", 1) + 1}
-            return
-        self.errors.appendleft({"ts": now, "source": source, "message": message})
+        self.errors.record(source, message, now)
 
     def cycle_failed(self, exc: BaseException) -> None:
         """A cycle raised: counted for health and shown in the Errors card."""
@@ -744,6 +727,14 @@ class Bot:
 
     # operator actions (called from HTTP threads through the action router) ----------------
 
+    def actions(self) -> dict[str, Callable[[Mapping[str, Any]], dict[str, Any]]]:
+        """The operator actions the router offers, by name."""
+        return {
+            "ai_regime_override": self.ai_regime_override,
+            "ai_regime_revert": self.ai_regime_revert,
+            "ai_regime_dismiss": self.ai_regime_dismiss,
+        }
+
     def ai_regime_override(self, payload: Mapping[str, Any]) -> dict[str, Any]:
         now = self.clock.now()
         result = self.advisor.apply(
@@ -762,82 +753,3 @@ class Bot:
 
     def ai_regime_dismiss(self, payload: Mapping[str, Any]) -> dict[str, Any]:
         return self.advisor.dismiss(payload, self.clock.now(), mech=self.mechanical_state())
-
-
-class Runner:
-    """Paces :meth:`Bot.tick`, publishes the status and the health facts, beats the heartbeat, stops on request.
-
-    The heartbeat beats only when a cycle completes: a loop whose every cycle
-    raises is not alive in any sense an operator cares about.
-    """
-
-    def __init__(
-        self,
-        bot: Bot,
-        board: StatusBoard,
-        *,
-        interval_sec: float,
-        stop_event: threading.Event,
-        publish_every_wall_sec: float = 0.2,
-    ) -> None:
-        self.bot, self.board, self.interval = bot, board, interval_sec
-        self.stop_event = stop_event
-        self.publish_every = publish_every_wall_sec
-        self._last_publish: float | None = None
-        self._publish_lock = threading.Lock()
-        self.health_facts: HealthFacts | None = None  # the latest, for /healthz (read by HTTP threads)
-
-    def run(self, until: Callable[[], bool] | None = None) -> None:
-        clock = self.bot.clock
-        next_due = clock.now()
-        while not self.stop_event.is_set():
-            self.cycle()
-            if until is not None and until():
-                break
-            next_due = max(next_due + self.interval, clock.now())
-            clock.sleep(next_due - clock.now())
-        self.publish()
-
-    def cycle(self) -> None:
-        try:
-            self.bot.tick()
-        except Exception as exc:  # one bad cycle must not end the bot
-            log.exception("cycle failed")
-            self.bot.cycle_failed(exc)
-        else:
-            self.board.beat()
-        self.health_facts = self.bot.health_facts()
-        wall = time.monotonic()
-        if self._last_publish is None or wall - self._last_publish >= self.publish_every:
-            self.publish()
-
-    def health(self) -> dict[str, Any]:
-        """``/healthz``: the verdict of the last cycle's facts at the time of the request."""
-        return verdict(self.health_facts, now=self.bot.clock.now(), loop_age_sec=self.board.last_cycle_age())
-
-    def publish(self) -> None:
-        """Publish the status; a bug in building it is logged and shown, and the loop goes on."""
-        try:
-            with self._publish_lock:
-                self.board.publish(self.bot.status())
-        except Exception as exc:
-            log.exception("publishing the status failed")
-            self.bot.record_error("status", f"the status could not be published: {type(exc).__name__}: {exc}",
-                                  self.bot.clock.now())  # fmt: skip
-        self._last_publish = time.monotonic()
-
-    def action(self, handler: Callable[[Mapping[str, Any]], dict[str, Any]]) -> Callable[[Mapping], dict]:
-        """``handler`` for the action router: the published status shows its effect when it returns.
-
-        The lock keeps a status built before the action from being published after it.
-        """
-
-        def run(payload: Mapping[str, Any]) -> dict[str, Any]:
-            with self._publish_lock:
-                result = handler(payload)
-                current = self.board.status()
-                if current is not None:
-                    self.board.publish(self.bot.advisor_view(current))
-            return result
-
-        return run

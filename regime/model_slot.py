@@ -17,7 +17,6 @@ from functools import partial
 import numpy as np
 
 from candles import Candle
-from config import Settings
 from errors import BadData
 from hmm_regime_detector import (
     EMISSION_TEMPERATURE,
@@ -241,34 +240,3 @@ class ModelSlot:
             return False
         self.detector, self.trained_at = detector, trained_at
         return True
-
-
-def model_slots(s: Settings) -> tuple[ModelSlot, ModelSlot | None]:
-    """The primary (1m) model and, when enabled, the secondary (15m) one, as configured."""
-
-    def slot(name: str, interval: int, target: int, min_samples: int, recent: int) -> ModelSlot:
-        spec = SlotSpec(
-            name, interval, target, min_samples, s.HMM_RETRAIN_INTERVAL_SEC,
-            s.HMM_DEEP_DECAY_ENABLED, s.HMM_DEEP_DECAY_HALFLIFE,
-        )  # fmt: skip
-        return ModelSlot(
-            spec,
-            lambda: RegimeDetector(
-                recent_candles=recent,
-                confidence_threshold=s.HMM_CONFIDENCE_THRESHOLD,
-                covariance_type=s.HMM_COVARIANCE_TYPE,
-                n_iter=s.HMM_N_ITER,
-                n_init=s.HMM_N_INIT,
-                random_state=s.HMM_RANDOM_STATE,
-                **detector_options(name),
-            ),
-        )
-
-    primary = slot("primary", 1, s.HMM_TRAINING_CANDLES, s.HMM_MIN_TRAIN_SAMPLES, s.HMM_RECENT_CANDLES)
-    secondary = None
-    if s.HMM_SECONDARY_ENABLED:
-        secondary = slot(
-            "secondary", 15, s.HMM_SECONDARY_TRAINING_CANDLES, s.HMM_SECONDARY_MIN_TRAIN_SAMPLES,
-            s.HMM_SECONDARY_RECENT_CANDLES,
-        )  # fmt: skip
-    return primary, secondary

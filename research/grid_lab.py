@@ -27,11 +27,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bot import grid_config, runner_settings
 from candles import read_candles_csv
 from config import load_settings
 from grid.engine import GridConfig, Posture, capacity
 from grid.paper_exchange import paper_exchange_factory
-from grid.runner import GridRunner, grid_config, runner_settings
+from grid.runner import GridRunner
 from kraken.pair_rules import replay_pair
 
 DATA = Path(os.environ.get("SHARED_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))

@@ -27,10 +27,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bot import build_bot  # noqa: E402
 from candles import read_candles_csv  # noqa: E402
 from clock import SimClock  # noqa: E402
 from config import load_settings  # noqa: E402
-from loop.cycle import Bot  # noqa: E402
 from market.replay import ReplayMarket  # noqa: E402
 from regime.policy import REGIMES  # noqa: E402
 from store.sqlite import SQLiteStore  # noqa: E402
@@ -54,7 +54,7 @@ def build(path: str, overrides: dict | None = None) -> str:
     candles = read_candles_csv(path)
     clock = SimClock(candles[0].time + 60, math.inf, threading.Event())
     market = ReplayMarket(clock, candles)
-    bot = Bot(s, mode="replay", clock=clock, market=market, store=SQLiteStore(":memory:"), autosave=False)
+    bot = build_bot(s, mode="replay", clock=clock, market=market, store=SQLiteStore(":memory:"), autosave=False)
     bot.start()
     rows: dict[str, list] = {k: [] for k in ("t", "price", "p1", "p15", "conf", "bias", "regime", "modifier",
                                              "quality", "tier", "direction", "conf1", "conf15")}  # fmt: skip

@@ -62,9 +62,9 @@ def shallow_figures(pair: str, make1, make15, rules: list[str]) -> dict:
 
 def check_against_bot(pair: str, minutes: int = 6000) -> None:
     """The real bot's mechanical tier per minute against the replica's, over the first ``minutes``."""
+    from bot import build_bot
     from clock import SimClock
     from config import load_settings
-    from loop.cycle import Bot
     from market.replay import ReplayMarket
     from store.sqlite import SQLiteStore
 
@@ -72,7 +72,7 @@ def check_against_bot(pair: str, minutes: int = 6000) -> None:
     settings = load_settings({"LOG_LEVEL": "WARNING"}, environ={}, env_file=None)
     clock = SimClock(ones[0].time + 60)
     market = ReplayMarket(clock, ones)
-    bot = Bot(settings, mode="replay", clock=clock, market=market, store=SQLiteStore(":memory:"), truth=None)
+    bot = build_bot(settings, mode="replay", clock=clock, market=market, store=SQLiteStore(":memory:"), truth=None)
     bot.start()
     bot_tiers, quality = [], []
     while not market.finished:

@@ -14,6 +14,7 @@ from fake_llm import FakeLLM
 from threadpoolctl import threadpool_limits
 
 from ai_advisor import Panel
+from bot import build_bot
 from clock import SimClock
 from config import Settings, load_settings
 from loop.cycle import Bot
@@ -60,7 +61,9 @@ def make_sim_bot(
     market = SimulatedMarket(clock, seed=seed, start=start)
     store = SQLiteStore(db_path)
     panel = make_panel(settings) if make_panel else None
-    bot = Bot(settings, mode="sim", clock=clock, market=market, store=store, truth=market.current_truth, panel=panel)
+    bot = build_bot(
+        settings, mode="sim", clock=clock, market=market, store=store, truth=market.current_truth, panel=panel
+    )
     bot.start()
     return bot
 

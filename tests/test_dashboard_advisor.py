@@ -550,7 +550,7 @@ def open_with_token(driver: WebDriver, site: Site, status: dict[str, Any]) -> No
 
 
 def record_actions(
-    site: Site, *, message: str = "done", refuse: tuple[int, str] | None = None, then=None
+    site: Site, *, message: str = "done", refuse: tuple[str, str] | None = None, then=None
 ) -> list[dict[str, Any]]:
     """Register the three advisor actions on ``site``; the returned list collects every body received."""
     calls: list[dict[str, Any]] = []
@@ -627,7 +627,7 @@ def test_confirmed_action_posts_once_with_the_token(driver, action_site, base_st
 
 
 def test_refused_action_shows_the_reason(driver, action_site, base_status):
-    calls = record_actions(action_site, refuse=(409, "conviction 35 is below the floor of 50"))
+    calls = record_actions(action_site, refuse=("refused", "conviction 35 is below the floor of 50"))
     open_with_token(driver, action_site, advisor_status(base_status, clamped_disagreement))
     by_testid(driver, "advisor-apply").click()
     by_testid(driver, "advisor-confirm-yes").click()

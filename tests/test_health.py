@@ -8,11 +8,13 @@ import pytest
 from conftest import SIM_START, make_settings, make_sim_bot, run_ticks
 
 import dashboard
+from bot import build_bot
 from clock import SimClock
 from health import FeedFacts, HealthFacts, verdict
 from http_api import ActionRouter, ApiContext, ApiServer, StatusBoard
 from kraken.public_client import KrakenPublicClient
-from loop.cycle import Bot, Runner
+from loop.cycle import Bot
+from loop.runner import Runner
 from market.sim import generate
 from store.sqlite import SQLiteStore
 
@@ -141,7 +143,7 @@ def test_an_unreachable_kraken_turns_health_red_in_plain_words(tmp_path):
     with FakeKraken(candles, now=clock.now) as fake:
         url = fake.url
         market = KrakenPublicClient(url, "XDGUSD", now=clock.now, sleep=clock.sleep, timeout=2, max_retries=0)
-        bot = Bot(settings, mode="paper", clock=clock, market=market, store=SQLiteStore(tmp_path / "k.sqlite3"))
+        bot = build_bot(settings, mode="paper", clock=clock, market=market, store=SQLiteStore(tmp_path / "k.sqlite3"))
         bot.start()
         runner = runner_for(bot)
         for _ in range(8):

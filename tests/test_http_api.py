@@ -93,7 +93,7 @@ def test_action_router_dispatch_and_errors():
         return {"pong": payload.get("n")}
 
     def refuse(payload):
-        raise ActionRefused(409, "refused by a rail")
+        raise ActionRefused("refused", "refused by a rail")
 
     ctx = make_ctx(handlers={"ping": ping, "refuse": refuse})
     status, _, payload = call(ctx, "POST", "/api/action", b'{"action":"ping","n":3}')

@@ -16,6 +16,7 @@ from conftest import StepClock, make_settings, run_ticks
 from fake_kraken import FakeKraken
 from fake_postgrest import FakePostgrest
 
+from bot import build_bot
 from candles import Candle
 from clock import SimClock
 from config import load_settings
@@ -464,7 +465,7 @@ def paper_bot(store: MirroredStore, kraken_url: str, clock) -> Bot:
     """A paper bot on Kraken's protocol (the local fake), a simulated clock and ``store``."""
     settings = make_settings(HMM_SECONDARY_ENABLED=False, TRADES_BACKFILL_ENABLED=False)
     market = KrakenPublicClient(kraken_url, PAIR, now=clock.now, sleep=clock.sleep, timeout=5.0, max_retries=0)
-    bot = Bot(settings, mode="paper", clock=clock, market=market, store=store, truth=None, panel=None)
+    bot = build_bot(settings, mode="paper", clock=clock, market=market, store=store, truth=None, panel=None)
     bot.start()
     return bot
 

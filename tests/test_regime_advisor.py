@@ -17,6 +17,7 @@ from fake_llm import FakeLLM, Reply
 
 from advisor.runtime import RegimeAdvisor
 from ai_advisor import Panel
+from bot import build_bot
 from clock import SimClock
 from errors import ActionRefused, ConfigError
 from loop.cycle import Bot
@@ -122,10 +123,10 @@ def harness(llm, tmp_path) -> Iterator[Harness]:
     h.close()
 
 
-def refused(call, status: int = 409) -> str:
+def refused(call, kind: str = "refused") -> str:
     with pytest.raises(ActionRefused) as exc:
         call()
-    assert exc.value.status == status
+    assert exc.value.kind == kind
     return str(exc.value)
 
 
@@ -273,10 +274,12 @@ def test_every_refusal_changes_nothing(harness, llm):
     before = harness.status()
     assert refused(harness.apply) == "conviction 30 is below the floor of 50"
     assert harness.status()["opinion"]["blocked_reason"] == "conviction 30 is below the floor of 50"
-    assert refused(lambda: harness.apply(ttl_sec="600"), 400) == "'ttl_sec' must be a number of seconds, got '600'"
-    assert refused(lambda: harness.apply(ttl_sec=True), 400).startswith("'ttl_sec' must be a number")
-    assert refused(lambda: harness.apply(ttl=600), 400) == "unknown field(s) 'ttl' for ai_regime_override"
-    assert refused(lambda: harness.revert(ttl_sec=5), 400).startswith("unknown field(s) 'ttl_sec'")
+    assert (
+        refused(lambda: harness.apply(ttl_sec="600"), "malformed") == "'ttl_sec' must be a number of seconds, got '600'"
+    )
+    assert refused(lambda: harness.apply(ttl_sec=True), "malformed").startswith("'ttl_sec' must be a number")
+    assert refused(lambda: harness.apply(ttl=600), "malformed") == "unknown field(s) 'ttl' for ai_regime_override"
+    assert refused(lambda: harness.revert(ttl_sec=5), "malformed").startswith("unknown field(s) 'ttl_sec'")
     assert refused(harness.revert) == "no override is active"
     assert harness.status() == before
 
@@ -420,7 +423,7 @@ def make_bot(db: Path, llm: FakeLLM, at: float | None = None, **overrides) -> Bo
     settings = advisor_settings(llm, REGIME_MIN_DWELL_SEC=86_400, **overrides)
     clock = SimClock(at if at is not None else SIM_START)
     market = SimulatedMarket(clock, seed=7, start=SIM_START)
-    bot = Bot(settings, mode="sim", clock=clock, market=market, store=SQLiteStore(db))
+    bot = build_bot(settings, mode="sim", clock=clock, market=market, store=SQLiteStore(db))
     bot.start()
     return bot
 
@@ -512,7 +515,7 @@ def test_override_survives_a_restart_while_live_and_is_cleared_once_expired(tmp_
         expired.advisor.stop()
         expired.store.close()
 
-    disabled = Bot(
+    disabled = build_bot(
         make_settings(),
         mode="sim",
         clock=SimClock(applied_at + 1210),

@@ -21,11 +21,11 @@ import sys
 import time
 from pathlib import Path
 
+from bot import build_bot
 from candles import Candle
 from clock import SimClock
 from config import load_settings
 from kraken.public_client import KrakenPublicClient
-from loop.cycle import Bot
 from market.sim import generate
 from store.mirrored import LocalMirror, MirroredStore
 from store.sqlite import SQLiteStore, Store
@@ -96,7 +96,7 @@ def _cycle_times(make_store, minutes: int = 60) -> dict[str, float]:
     with FakeKraken(history, now=clock.now) as kraken:
         store = _Timed(make_store(clock))
         market = KrakenPublicClient(kraken.url, PAIR, now=clock.now, sleep=clock.sleep, timeout=5.0, max_retries=0)
-        bot = Bot(settings, mode="paper", clock=clock, market=market, store=store, truth=None, panel=None)
+        bot = build_bot(settings, mode="paper", clock=clock, market=market, store=store, truth=None, panel=None)
         bot.start()
         bot.tick()  # the first cycle syncs the whole window and trains
         clock.advance(15)

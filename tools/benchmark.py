@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from bot import build_bot
 from candles import aggregate, read_candles_csv
 from clock import SimClock
 from config import load_settings
@@ -90,7 +91,7 @@ def trained_bot(db: str, **overrides) -> Bot:
     settings = load_settings({"SIM_SEED": 7, "LOG_LEVEL": "WARNING", **overrides}, environ={}, env_file=None)
     clock = SimClock(SIM_START)
     market = SimulatedMarket(clock, seed=7, start=SIM_START)
-    bot = Bot(settings, mode="sim", clock=clock, market=market, store=SQLiteStore(db), truth=market.current_truth)
+    bot = build_bot(settings, mode="sim", clock=clock, market=market, store=SQLiteStore(db), truth=market.current_truth)
     bot.start()
     bot.tick()  # trains both models on the 720-candle windows
     return bot
