@@ -32,11 +32,10 @@ import openai
 
 from config import Settings
 from redaction import scrub
+from vocabulary import DIRECTIONS, SYMMETRIC, TIERS
 
 log = logging.getLogger(__name__)
 
-TIERS = (0, 1, 2)
-DIRECTIONS = ("symmetric", "long_bias", "short_bias")
 RATIONALE_MAX = 500
 WATCH_FOR_MAX = 200
 MAX_RETRY_AFTER_SEC = 3600.0
@@ -229,7 +228,7 @@ class ParseError(ValueError):
 def empty_opinion() -> dict[str, Any]:
     return {
         "recommended_tier": 0,
-        "recommended_direction": "symmetric",
+        "recommended_direction": SYMMETRIC,
         "conviction": 0,
         "rationale": "",
         "watch_for": "",
@@ -261,8 +260,8 @@ def parse_opinion(text: str) -> dict[str, Any]:
     if isinstance(direction, str) and direction in DIRECTIONS:
         opinion["recommended_direction"] = direction
     if opinion["recommended_tier"] == 0:
-        opinion["recommended_direction"] = "symmetric"
-    elif opinion["recommended_direction"] == "symmetric":
+        opinion["recommended_direction"] = SYMMETRIC
+    elif opinion["recommended_direction"] == SYMMETRIC:
         opinion["recommended_tier"] = 0
     conviction = obj.get("conviction")
     if isinstance(conviction, (int, float)) and not isinstance(conviction, bool) and math.isfinite(conviction):

@@ -66,6 +66,7 @@ from grid.signals import (
     vol_from_dict,
     vol_to_dict,
 )
+from vocabulary import NORMAL
 
 log = logging.getLogger(__name__)
 
@@ -299,7 +300,7 @@ class GridRunner:
     @property
     def capacity_band(self) -> str:
         if self.state is None:
-            return "normal"
+            return NORMAL
         return capacity(self.config, self.state.orders)["band"]
 
     @property

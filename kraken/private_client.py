@@ -72,9 +72,10 @@ from urllib.parse import urlencode
 import requests
 
 from errors import BadData, ConfigError, RetryLater
-from grid.exchange import BUY, SELL, OrderRejected, PairRules
+from grid.exchange import OrderRejected, PairRules
 from kraken.public_client import ASSET_PAIRS_PATH, PairInfo, parse_asset_pair, transport_problem
 from redaction import scrub
+from vocabulary import BUY, SELL
 
 log = logging.getLogger(__name__)
 

@@ -58,17 +58,16 @@ from regime.direction_skill import to_dict as skill_to_dict
 from regime.model_slot import ModelSlot, model_slots
 from regime.policy import (
     NO_SIGNAL,
-    SYMMETRIC,
     PolicySignal,
     RegimeHistory,
     TierDecision,
     TierSettings,
-    TierState,
     entry_size,
     next_tier,
     policy_signal,
 )
 from store.sqlite import Store, first_non_finite
+from vocabulary import LONG_BIAS, SHORT_BIAS, STOP, SYMMETRIC, TierState
 
 log = logging.getLogger("bot")
 
@@ -78,7 +77,7 @@ MAX_RETRAIN_RECORDS = 2000
 NO_BACKFILL = {"enabled": False, "state": "unavailable"}
 
 
-DIRECTION_SIGN = {"long_bias": 1, "short_bias": -1, "symmetric": 0}
+DIRECTION_SIGN = {LONG_BIAS: 1, SHORT_BIAS: -1, SYMMETRIC: 0}
 CYCLE_SERIES = (
     "t",  # the cycle's time
     "price",
@@ -468,8 +467,8 @@ class Bot:
                 direction=effective.direction,
                 mechanical_tier=self.mechanical_state().tier,
                 shallow=self.primary.trained and self.primary.quality_tier == "shallow",
-                capacity_stop=self.grid.capacity_band == "stop",
-                symmetric_capacity_stop=self.baseline.capacity_band == "stop",
+                capacity_stop=self.grid.capacity_band == STOP,
+                symmetric_capacity_stop=self.baseline.capacity_band == STOP,
                 regime_aware=self.grid.equity.last,
                 symmetric=self.baseline.equity.last,
             )

@@ -10,8 +10,9 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from clock import iso_utc
-from regime.policy import LONG_BIAS, SHORT_BIAS, PolicySignal, RegimeSignal, TierDecision, TierState
+from regime.policy import PolicySignal, TierDecision
 from regime.training_depth import TrainingDepth
+from vocabulary import LONG_BIAS, SHORT_BIAS, SYMMETRIC, RegimeSignal, TierState
 
 
 def _r(x: float | None, digits: int = 4) -> float | None:
@@ -105,7 +106,7 @@ def regime_tier_block(
 ) -> dict[str, Any]:
     shadow = not directional_enabled
     mech = (
-        {"tier": 0, "direction": "symmetric", "since": pinned_since}
+        {"tier": 0, "direction": SYMMETRIC, "since": pinned_since}
         if shadow
         else {"tier": computed.tier, "direction": computed.direction, "since": computed.since}
     )
@@ -117,7 +118,7 @@ def regime_tier_block(
             if shadow
             else None,
             "wanted_tier": decision.wanted_tier if decision else 0,
-            "wanted_direction": decision.wanted_direction if decision else "symmetric",
+            "wanted_direction": decision.wanted_direction if decision else SYMMETRIC,
             "held_because": (decision.reason or None) if decision and not decision.changed else None,
         },
         **effective_tier_block(TierState(mech["tier"], mech["direction"], mech["since"]), "mechanical"),

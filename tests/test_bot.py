@@ -8,8 +8,8 @@ from conftest import make_sim_bot, run_ticks
 from errors import BadData, ConfigError, RetryLater
 from hmm_regime_detector import RegimeDetector
 from regime.direction_skill import DirectionSkill
-from regime.policy import BULLISH, RANGING, RegimeSignal
 from store.sqlite import SQLiteStore
+from vocabulary import BULLISH, RANGING, RegimeSignal
 
 
 def depth(bot, model="primary"):

@@ -12,10 +12,10 @@ import signal
 import threading
 from pathlib import Path
 
-import bot
 import pytest
 from test_replay import write_csv
 
+import bot
 from market import replay_batch
 from market.replay_batch import (
     EventReporter,
