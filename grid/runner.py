@@ -27,6 +27,7 @@ from candles import Candle
 from config import Settings
 from errors import BadData, RetryLater
 from grid.engine import (
+    ENTRY_SIDE,
     EXIT,
     NOTES_KEPT,
     Cancel,
@@ -365,7 +366,7 @@ class GridRunner:
                 "strength": round(p.strength, 4),
                 "size": p.size,
                 "since": p.since,
-                "suppressed_side": {"A": "sell", "B": "buy"}.get(p.against_leg or "") if p.tier >= 2 else None,
+                "suppressed_side": ENTRY_SIDE.get(p.against_leg or "") if p.tier >= 2 else None,
             },
             "balances": {
                 "quote": bal.quote,

@@ -12,7 +12,7 @@ from typing import Any
 from clock import iso_utc
 from regime.policy import PolicySignal, TierDecision
 from regime.training_depth import TrainingDepth
-from vocabulary import LONG_BIAS, SHORT_BIAS, SYMMETRIC, RegimeSignal, TierState
+from vocabulary import BUY, LONG_BIAS, SELL, SHORT_BIAS, SYMMETRIC, RegimeSignal, TierState
 
 
 def _r(x: float | None, digits: int = 4) -> float | None:
@@ -87,10 +87,10 @@ def cycle_time_summary(cycle_ms: Iterable[float]) -> dict[str, float | None]:
 
 
 def suppressed_side(tier: int, direction: str) -> str | None:
-    """The grid leg whose entries tier 2 suppresses: A (sell entries) when long, B (buy entries) when short."""
+    """The side whose entries tier 2 suppresses: sell entries (leg A) when long, buy entries (leg B) when short."""
     if tier < 2:
         return None
-    return {LONG_BIAS: "A", SHORT_BIAS: "B"}.get(direction)
+    return {LONG_BIAS: SELL, SHORT_BIAS: BUY}.get(direction)
 
 
 def regime_tier_block(
