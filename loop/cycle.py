@@ -16,7 +16,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from advisor.runtime import RegimeAdvisor
@@ -559,11 +559,7 @@ class Bot:
             "pair": self.settings.PAIR,
             "mode": self.mode,
             "saved_at": now,
-            "tier": {
-                "tier": self.tier_state.tier,
-                "direction": self.tier_state.direction,
-                "since": self.tier_state.since,
-            },
+            "tier": asdict(self.tier_state),
             "pinned_since": self.pinned_since,
             "direction_skill": skill_to_dict(self.skill),
             "models": {slot.spec.name: slot.snapshot() for slot in self.slots()},

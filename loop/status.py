@@ -7,6 +7,7 @@ Every key is documented in ``README.md`` (section "Status payload").
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import asdict
 from typing import Any
 
 from clock import iso_utc
@@ -105,18 +106,12 @@ def regime_tier_block(
     entry_size: float = 1.0,
 ) -> dict[str, Any]:
     shadow = not directional_enabled
-    mech = (
-        {"tier": 0, "direction": SYMMETRIC, "since": pinned_since}
-        if shadow
-        else {"tier": computed.tier, "direction": computed.direction, "since": computed.since}
-    )
+    mech = asdict(TierState(0, SYMMETRIC, pinned_since)) if shadow else asdict(computed)
     return {
         "mechanical": {
             **mech,
             "shadow": shadow,
-            "would_be": {"tier": computed.tier, "direction": computed.direction, "since": computed.since}
-            if shadow
-            else None,
+            "would_be": asdict(computed) if shadow else None,
             "wanted_tier": decision.wanted_tier if decision else 0,
             "wanted_direction": decision.wanted_direction if decision else SYMMETRIC,
             "held_because": (decision.reason or None) if decision and not decision.changed else None,
@@ -165,7 +160,7 @@ def advisor_facts(
         },
         "regime_history_30m": history,
         "regime_tier": {
-            "mechanical": {"tier": mechanical.tier, "direction": mechanical.direction, "since": mechanical.since},
+            "mechanical": asdict(mechanical),
             "capacity_band": capacity_band,
         },
     }
