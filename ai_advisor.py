@@ -32,13 +32,12 @@ import openai
 from clock import iso_utc
 from config import Settings
 from redaction import scrub
-from regime.policy import PolicySignal, RegimeSignal, TierState
+from regime.policy import PolicySignal
 from retry import parse_retry_after
+from vocabulary import DIRECTIONS, SYMMETRIC, TIERS, RegimeSignal, TierState
 
 log = logging.getLogger(__name__)
 
-TIERS = (0, 1, 2)
-DIRECTIONS = ("symmetric", "long_bias", "short_bias")
 RATIONALE_MAX = 500
 WATCH_FOR_MAX = 200
 MAX_RETRY_AFTER_SEC = 3600.0
@@ -231,7 +230,7 @@ class ParseError(ValueError):
 def empty_opinion() -> dict[str, Any]:
     return {
         "recommended_tier": 0,
-        "recommended_direction": "symmetric",
+        "recommended_direction": SYMMETRIC,
         "conviction": 0,
         "rationale": "",
         "watch_for": "",
@@ -263,8 +262,8 @@ def parse_opinion(text: str) -> dict[str, Any]:
     if isinstance(direction, str) and direction in DIRECTIONS:
         opinion["recommended_direction"] = direction
     if opinion["recommended_tier"] == 0:
-        opinion["recommended_direction"] = "symmetric"
-    elif opinion["recommended_direction"] == "symmetric":
+        opinion["recommended_direction"] = SYMMETRIC
+    elif opinion["recommended_direction"] == SYMMETRIC:
         opinion["recommended_tier"] = 0
     conviction = obj.get("conviction")
     if isinstance(conviction, (int, float)) and not isinstance(conviction, bool) and math.isfinite(conviction):

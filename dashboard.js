@@ -6,7 +6,7 @@
   const TOKEN_KEY = 'apiToken';
   const HISTORY_WINDOW_SEC = 1800;
   const SVGNS = 'http://www.w3.org/2000/svg';
-  const SIDES = { A: 'A (sell entries)', B: 'B (buy entries)' };
+  const SIDES = { sell: 'A (sell entries)', buy: 'B (buy entries)' };
 
   const state = {
     token: readToken(),

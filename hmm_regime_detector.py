@@ -72,7 +72,7 @@ from scipy.special import gammaln
 
 from candles import Candle, as_arrays
 from errors import BadData
-from regime.policy import REGIMES, RegimeSignal
+from vocabulary import REGIMES, RegimeSignal
 
 log = logging.getLogger(__name__)
 

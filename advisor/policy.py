@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from errors import REFUSED, ActionRefused
-from regime.policy import LONG_BIAS, SHORT_BIAS, SYMMETRIC, TierState
+from vocabulary import DIRECTIONS, LONG_BIAS, SHORT_BIAS, STOP, SYMMETRIC, TIERS, TierState
 
 AGREE, AI_UPGRADE, AI_DOWNGRADE, AI_FLIP = "agree", "ai_upgrade", "ai_downgrade", "ai_flip"
 AGREEMENTS = (AGREE, AI_UPGRADE, AI_DOWNGRADE, AI_FLIP)
@@ -79,7 +79,7 @@ class Override:
             source_conviction=int(data["source_conviction"]),
             opinion_ts=float(data.get("opinion_ts", data["applied_at"])),
         )
-        if override.tier not in (0, 1, 2) or override.direction not in (SYMMETRIC, LONG_BIAS, SHORT_BIAS):
+        if override.tier not in TIERS or override.direction not in DIRECTIONS:
             raise ValueError(f"bad override tier {override.tier} {override.direction}")
         if (override.tier == 0) != (override.direction == SYMMETRIC):
             raise ValueError(f"inconsistent override tier {override.tier} {override.direction}")
@@ -178,7 +178,7 @@ def refusal_reason(
         return f"the opinion is {age_text(opinion_age(opinion, now), rails.max_opinion_age_sec)}; wait for a fresh one"
     if int(opinion["conviction"]) < rails.min_conviction:
         return f"conviction {opinion['conviction']} is below the floor of {rails.min_conviction}"
-    if ai_tier > mech.tier and capacity_band == "stop":
+    if ai_tier > mech.tier and capacity_band == STOP:
         return "capacity band is stop: upgrades are blocked"
     if ai_tier > mech.tier and not directional_enabled:
         return "directional trading is disabled (REGIME_DIRECTIONAL_ENABLED=false): upgrades are blocked"
@@ -218,7 +218,7 @@ def override_end(override: Override, mech: TierState, *, capacity_band: str, now
     """Why an active override ends now: ``expired``, ``capacity stop``, or ``None`` to keep it."""
     if now >= override.expires_at:
         return "expired"
-    if capacity_band == "stop" and override.tier > mech.tier:
+    if capacity_band == STOP and override.tier > mech.tier:
         return "capacity stop"
     return None
 

@@ -44,8 +44,8 @@ from clock import iso_utc
 from config import Settings
 from errors import MALFORMED, REFUSED, ActionRefused, RetryLater
 from redaction import scrub
-from regime.policy import TierState
 from store.sqlite import Store
+from vocabulary import TierState
 
 log = logging.getLogger(__name__)
 

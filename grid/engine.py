@@ -54,12 +54,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from grid.exchange import BUY, SELL, Balances, Fill, PairRules
+from grid.exchange import Balances, Fill, PairRules
+from vocabulary import BUY, CAUTION, LONG_BIAS, NORMAL, RANGING, SELL, SHORT_BIAS, STOP, SYMMETRIC
 
 ENTRY, EXIT = "entry", "exit"
 LEGS = ("A", "B")
 ENTRY_SIDE = {"A": SELL, "B": BUY}
-LONG_BIAS, SHORT_BIAS, SYMMETRIC = "long_bias", "short_bias", "symmetric"
 FAVOURED_LEG = {LONG_BIAS: "B", SHORT_BIAS: "A"}  # long: buy the dips; short: sell the rips
 NOTES_KEPT = 10
 FILLS_KEPT = 20
@@ -160,7 +160,7 @@ class RegimeEdge:
 class GridState:
     posture: Posture = field(default_factory=Posture)
     price: float | None = None
-    regime: str = "RANGING"
+    regime: str = RANGING
     vol_pct: float | None = None  # hourly volatility of the last tick, percent
     balances: Balances = field(default_factory=lambda: Balances(0.0, 0.0))
     orders: Mapping[str, Order] = field(default_factory=dict)
@@ -354,7 +354,7 @@ def capacity(config: GridConfig, orders: Mapping[str, Order]) -> dict[str, Any]:
         "orders": n / cap if cap else 1.0,
     }
     used = max(shares.values())
-    band = "stop" if used >= config.stop_share else "caution" if used >= config.caution_share else "normal"
+    band = STOP if used >= config.stop_share else CAUTION if used >= config.caution_share else NORMAL
     return {
         "open_orders": n,
         "max_open_orders": cap,
@@ -798,7 +798,7 @@ def from_dict(data: Mapping[str, Any], config: GridConfig) -> GridState:
     return GridState(
         posture=Posture(**data["posture"]),
         price=data.get("price"),
-        regime=str(data.get("regime", "RANGING")),
+        regime=str(data.get("regime", RANGING)),
         vol_pct=float(data["vol_pct"]) if data.get("vol_pct") is not None else None,
         balances=balances,
         orders=orders,

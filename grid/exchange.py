@@ -16,8 +16,7 @@ from typing import Protocol
 
 from candles import Candle
 from errors import BotError
-
-BUY, SELL = "buy", "sell"
+from vocabulary import BUY
 
 
 class OrderRejected(BotError):

@@ -19,7 +19,8 @@ from collections.abc import Callable
 from typing import Any
 
 from candles import Candle
-from grid.exchange import BUY, SELL, Balances, Fill, OpenOrder, OrderRejected, OrderRequest, PairRules
+from grid.exchange import Balances, Fill, OpenOrder, OrderRejected, OrderRequest, PairRules
+from vocabulary import BUY, SELL
 
 
 class PaperBook:

@@ -26,6 +26,7 @@ from typing import Any
 from candles import Candle
 from errors import BadData, RetryLater
 from grid.engine import (
+    ENTRY_SIDE,
     EXIT,
     NOTES_KEPT,
     Cancel,
@@ -64,6 +65,7 @@ from grid.signals import (
     vol_from_dict,
     vol_to_dict,
 )
+from vocabulary import NORMAL
 
 log = logging.getLogger(__name__)
 
@@ -297,7 +299,7 @@ class GridRunner:
     @property
     def capacity_band(self) -> str:
         if self.state is None:
-            return "normal"
+            return NORMAL
         return capacity(self.config, self.state.orders)["band"]
 
     @property
@@ -362,7 +364,7 @@ class GridRunner:
                 "strength": round(p.strength, 4),
                 "size": p.size,
                 "since": p.since,
-                "suppressed_side": {"A": "sell", "B": "buy"}.get(p.against_leg or "") if p.tier >= 2 else None,
+                "suppressed_side": ENTRY_SIDE.get(p.against_leg or "") if p.tier >= 2 else None,
             },
             "balances": {
                 "quote": bal.quote,

@@ -20,9 +20,12 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from grid.engine import GridConfig, GridState, RegimeEdge, capacity, kelly
+from vocabulary import BEARISH as BEARISH_REGIME
+from vocabulary import BULLISH as BULLISH_REGIME
+from vocabulary import RANGING, SELL
 
 BULLISH, BEARISH, NEUTRAL = "bullish", "bearish", "neutral"
-REGIME_LABELS = ("RANGING", "BULLISH", "BEARISH")
+REGIME_LABELS = (RANGING, BULLISH_REGIME, BEARISH_REGIME)
 
 
 @dataclass(frozen=True)
@@ -135,7 +138,7 @@ def with_stranded_losses(state: GridState, price: float | None) -> dict[str, Reg
     for o in state.orders.values():
         if not o.recovery or o.entry_price is None:
             continue
-        held = o.volume if o.side == "sell" else -o.volume  # a sell exit holds a long position
+        held = o.volume if o.side == SELL else -o.volume  # a sell exit holds a long position
         ret = held * (price - o.entry_price) / (o.entry_price * o.volume)
         if ret < 0:
             e = edges.get(o.regime_at_entry, RegimeEdge())

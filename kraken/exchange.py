@@ -40,9 +40,10 @@ from typing import Any
 
 from candles import Candle
 from errors import BadData, RetryLater
-from grid.exchange import BUY, SELL, Balances, Fill, OpenOrder, OrderRejected, OrderRequest, PairRules
+from grid.exchange import Balances, Fill, OpenOrder, OrderRejected, OrderRequest, PairRules
 from kraken.private_client import UNKNOWN_ORDER_ERROR, KrakenPrivateClient, valid_cl_ord_id
 from kraken.public_client import PairInfo
+from vocabulary import BUY, SELL
 
 log = logging.getLogger(__name__)
 

@@ -72,10 +72,11 @@ from urllib.parse import urlencode
 import requests
 
 from errors import BadData, ConfigError, RetryLater
-from grid.exchange import BUY, SELL, OrderRejected, PairRules
+from grid.exchange import OrderRejected, PairRules
 from kraken.public_client import ASSET_PAIRS_PATH, PairInfo, parse_asset_pair, transport_problem
 from redaction import scrub
 from retry import backoff_delay, call_with_retries, parse_retry_after
+from vocabulary import BUY, SELL
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from advisor.runtime import RegimeAdvisor
@@ -57,17 +57,16 @@ from regime.direction_skill import to_dict as skill_to_dict
 from regime.model_slot import ModelSlot
 from regime.policy import (
     NO_SIGNAL,
-    SYMMETRIC,
     PolicySignal,
     RegimeHistory,
     TierDecision,
     TierSettings,
-    TierState,
     entry_size,
     next_tier,
     policy_signal,
 )
 from store.sqlite import Store, first_non_finite
+from vocabulary import LONG_BIAS, SHORT_BIAS, STOP, SYMMETRIC, TierState
 
 log = logging.getLogger("bot")
 
@@ -77,7 +76,7 @@ MAX_RETRAIN_RECORDS = 2000
 NO_BACKFILL = {"enabled": False, "state": "unavailable"}
 
 
-DIRECTION_SIGN = {"long_bias": 1, "short_bias": -1, "symmetric": 0}
+DIRECTION_SIGN = {LONG_BIAS: 1, SHORT_BIAS: -1, SYMMETRIC: 0}
 CYCLE_SERIES = (
     "t",  # the cycle's time
     "price",
@@ -454,8 +453,8 @@ class Bot:
                 direction=effective.direction,
                 mechanical_tier=self.mechanical_state().tier,
                 shallow=self.primary.trained and self.primary.quality_tier == "shallow",
-                capacity_stop=self.grid.capacity_band == "stop",
-                symmetric_capacity_stop=self.baseline.capacity_band == "stop",
+                capacity_stop=self.grid.capacity_band == STOP,
+                symmetric_capacity_stop=self.baseline.capacity_band == STOP,
                 regime_aware=self.grid.equity.last,
                 symmetric=self.baseline.equity.last,
             )
@@ -554,11 +553,7 @@ class Bot:
             "pair": self.settings.PAIR,
             "mode": self.mode,
             "saved_at": now,
-            "tier": {
-                "tier": self.tier_state.tier,
-                "direction": self.tier_state.direction,
-                "since": self.tier_state.since,
-            },
+            "tier": asdict(self.tier_state),
             "pinned_since": self.pinned_since,
             "direction_skill": skill_to_dict(self.skill),
             "models": {slot.spec.name: slot.snapshot() for slot in self.slots()},

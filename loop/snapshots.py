@@ -23,12 +23,11 @@ from typing import Any
 
 from clock import iso_utc
 from store.sqlite import first_non_finite
+from vocabulary import BUY, DIRECTIONS, SELL, SYMMETRIC, TIERS
 
 SNAPSHOT_VERSION = 1
 CLOCK_SKEW_SEC = 300.0  # another machine's clock (Supabase) may run this far ahead
 MAX_AMOUNT = 1e12  # no balance, in the quote asset (the base asset at the snapshot's price), is sane beyond
-DIRECTIONS = ("symmetric", "long_bias", "short_bias")
-TIERS = (0, 1, 2)
 
 
 def current_key(pair: str) -> str:
@@ -126,7 +125,7 @@ class _Checker:
         """``paired``: tier 0 goes with symmetric and only with it (an override)."""
         tier = self.choice(d.get("tier"), f"{path}.tier", TIERS)
         direction = self.choice(d.get("direction"), f"{path}.direction", DIRECTIONS)
-        if paired and (tier == 0) != (direction == "symmetric"):
+        if paired and (tier == 0) != (direction == SYMMETRIC):
             raise SnapshotInvalid(f"{path}.direction", direction, f"does not go with tier {tier}")
         return tier, direction
 
@@ -208,7 +207,7 @@ def _check_grid(c: _Checker, d: Mapping[str, Any]) -> None:
         c.positive(c.obj(order, p).get("price"), f"{p}.price")
         c.positive(order.get("volume"), f"{p}.volume")
         c.time(order.get("placed_at"), f"{p}.placed_at")
-        c.choice(order.get("side"), f"{p}.side", ("buy", "sell"))
+        c.choice(order.get("side"), f"{p}.side", (BUY, SELL))
         c.choice(order.get("role"), f"{p}.role", ("entry", "exit"))
         c.choice(order.get("tier_at_entry"), f"{p}.tier_at_entry", TIERS)
     c.integer(engine.get("seq"), "grid.engine.seq")

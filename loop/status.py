@@ -10,13 +10,14 @@ documented in ``README.md`` (section "Status payload").
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from ai_advisor import matrix_view, signal_view
 from clock import iso_utc
-from regime.policy import LONG_BIAS, SHORT_BIAS, PolicySignal, RegimeSignal, TierDecision, TierState
+from regime.policy import PolicySignal, TierDecision
 from regime.training_depth import TrainingDepth
+from vocabulary import BUY, LONG_BIAS, SELL, SHORT_BIAS, SYMMETRIC, RegimeSignal, TierState
 
 
 @dataclass(frozen=True)
@@ -189,29 +190,23 @@ def cycle_time_summary(cycle_ms: Iterable[float]) -> dict[str, float | None]:
 
 
 def suppressed_side(tier: int, direction: str) -> str | None:
-    """The grid leg whose entries tier 2 suppresses: A (sell entries) when long, B (buy entries) when short."""
+    """The side whose entries tier 2 suppresses: sell entries (leg A) when long, buy entries (leg B) when short."""
     if tier < 2:
         return None
-    return {LONG_BIAS: "A", SHORT_BIAS: "B"}.get(direction)
+    return {LONG_BIAS: SELL, SHORT_BIAS: BUY}.get(direction)
 
 
 def regime_tier_block(tier: TierPart, advisor: AdvisorPart) -> dict[str, Any]:
     computed, decision = tier.computed, tier.decision
     shadow = not tier.directional_enabled
-    mech = (
-        {"tier": 0, "direction": "symmetric", "since": tier.pinned_since}
-        if shadow
-        else {"tier": computed.tier, "direction": computed.direction, "since": computed.since}
-    )
+    mech = asdict(TierState(0, SYMMETRIC, tier.pinned_since)) if shadow else asdict(computed)
     return {
         "mechanical": {
             **mech,
             "shadow": shadow,
-            "would_be": {"tier": computed.tier, "direction": computed.direction, "since": computed.since}
-            if shadow
-            else None,
+            "would_be": asdict(computed) if shadow else None,
             "wanted_tier": decision.wanted_tier if decision else 0,
-            "wanted_direction": decision.wanted_direction if decision else "symmetric",
+            "wanted_direction": decision.wanted_direction if decision else SYMMETRIC,
             "held_because": (decision.reason or None) if decision and not decision.changed else None,
         },
         **effective_tier_block(advisor.effective, advisor.source),

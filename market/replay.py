@@ -19,6 +19,7 @@ import numpy as np
 from candles import Candle, OhlcPage, aggregate
 from clock import Clock
 from errors import BadData
+from vocabulary import TIERS
 
 KRAKEN_WINDOW = 720
 
@@ -109,7 +110,7 @@ def tier_figures(tiers: Sequence[float], span_sec: float) -> dict[str, Any]:
     changes = sum(1 for a, b in pairwise(tiers) if a != b)
     days = span_sec / 86400 if span_sec > 0 else 0.0
     return {
-        "tier_share": {str(t): round(sum(1 for x in tiers if x == t) / n, 4) for t in (0, 1, 2)},
+        "tier_share": {str(t): round(sum(1 for x in tiers if x == t) / n, 4) for t in TIERS},
         "tier_changes": changes,
         "tier_changes_per_day": round(changes / days, 2) if days else None,
     }

@@ -22,7 +22,7 @@ import numpy as np
 
 from candles import Candle, OhlcPage, aggregate
 from clock import Clock
-from regime.policy import BEARISH, BULLISH, RANGING, REGIMES
+from vocabulary import BEARISH, BULLISH, RANGING, REGIMES
 
 KRAKEN_WINDOW = 720
 CHUNK_MINUTES = 1440

@@ -25,8 +25,9 @@ from hmm_regime_detector import (
     RegimeDetector,
     UnseparatedStates,
 )
-from regime.policy import NO_SIGNAL, RegimeSignal
+from regime.policy import NO_SIGNAL
 from regime.training_depth import QualityTier, TrainingDepth, decay_copies, quality_tier, retrain_reason, training_depth
+from vocabulary import RegimeSignal
 
 log = logging.getLogger(__name__)
 

@@ -9,22 +9,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-BEARISH, RANGING, BULLISH = "BEARISH", "RANGING", "BULLISH"
-REGIMES: tuple[str, str, str] = (BEARISH, RANGING, BULLISH)  # probability order everywhere
-
-SYMMETRIC, LONG_BIAS, SHORT_BIAS = "symmetric", "long_bias", "short_bias"
-CAPACITY_BANDS = ("normal", "caution", "stop")
-
-
-@dataclass(frozen=True)
-class RegimeSignal:
-    """What one model says about the newest candle."""
-
-    regime: str
-    confidence: float  # top probability minus the second
-    bias_signal: float  # P(bull) - P(bear), 0 below the confidence threshold
-    probabilities: tuple[float, float, float] | None  # bearish, ranging, bullish
-
+from vocabulary import BEARISH, BULLISH, LONG_BIAS, RANGING, SHORT_BIAS, STOP, SYMMETRIC, RegimeSignal, TierState
 
 NO_SIGNAL = RegimeSignal(RANGING, 0.0, 0.0, None)
 """The signal of an untrained model: ranging, no confidence, no bias."""
@@ -132,13 +117,6 @@ class TierSettings:
 
 
 @dataclass(frozen=True)
-class TierState:
-    tier: int
-    direction: str
-    since: float  # time of the last change
-
-
-@dataclass(frozen=True)
 class TierDecision:
     state: TierState  # the state after this cycle (may be unchanged)
     changed: bool
@@ -208,7 +186,7 @@ def next_tier(
         if unearned:
             return hold(f"direction calls have not earned tier {wanted}")
         return hold("hysteresis" if held_by_hysteresis else "")
-    if target > state.tier and capacity_band == "stop":
+    if target > state.tier and capacity_band == STOP:
         if state.tier >= 1 and target_dir != state.direction:
             # The side still flips; only the step up is refused.
             target = state.tier

@@ -20,7 +20,7 @@ sys.path.insert(0, str(ROOT))
 from candles import Candle, aggregate, read_candles_csv  # noqa: E402
 from hmm_regime_detector import compute_features, stationary_distribution  # noqa: E402
 from market.sim import generate  # noqa: E402
-from regime.policy import REGIMES  # noqa: E402
+from vocabulary import REGIMES  # noqa: E402
 
 DATA = Path(os.environ.get("SHARED_DATA_DIR", ROOT.parent / "shared" / "data"))
 PAIRS = ("DOGE", "ADA", "XRP", "LTC", "LINK", "MATIC")
@@ -364,17 +364,8 @@ def trailing_volatility(candles, horizon: int) -> np.ndarray:
 
 # --- consensus rules and tier runs (research copies of the candidates) ---------------------
 
-from regime.policy import (  # noqa: E402
-    BEARISH,
-    BULLISH,
-    RANGING,
-    PolicySignal,
-    RegimeSignal,
-    TierSettings,
-    TierState,
-    next_tier,
-    policy_signal,
-)
+from regime.policy import PolicySignal, TierSettings, next_tier, policy_signal  # noqa: E402
+from vocabulary import BEARISH, BULLISH, RANGING, RegimeSignal, TierState  # noqa: E402
 
 DEFAULT_TIERS = TierSettings(
     tier1_confidence=0.20, tier2_confidence=0.50, tier1_bias_floor=0.10, tier2_bias_floor=0.25,

@@ -32,8 +32,8 @@ from candles import read_candles_csv  # noqa: E402
 from clock import SimClock  # noqa: E402
 from config import load_settings  # noqa: E402
 from market.replay import ReplayMarket  # noqa: E402
-from regime.policy import REGIMES  # noqa: E402
 from store.sqlite import SQLiteStore  # noqa: E402
+from vocabulary import REGIMES  # noqa: E402
 
 CACHE = ROOT / "research" / ".cache"
 DATA = Path(os.environ.get("SHARED_DATA_DIR", ROOT.parent / "shared" / "data"))

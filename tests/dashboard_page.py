@@ -172,7 +172,7 @@ def rich_status(base: dict[str, Any]) -> dict[str, Any]:
         tier=2, direction="long_bias", since=now - 725, shadow=False, would_be=None, held_because=None
     )
     tiers["effective"] = {"tier": 2, "direction": "long_bias", "source": "mechanical"}
-    tiers["suppressed_side"] = "A"
+    tiers["suppressed_side"] = "sell"
     tiers["recent_transitions"] = [
         {
             "ts": now - 725,

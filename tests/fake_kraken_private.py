@@ -58,8 +58,9 @@ from urllib.parse import parse_qsl
 from fake_kraken import AssetPair, FakeKraken, Response, _json
 
 from candles import Candle
-from grid.exchange import BUY, SELL, Fill, OrderRejected, OrderRequest, PairRules
+from grid.exchange import Fill, OrderRejected, OrderRequest, PairRules
 from grid.paper_exchange import PaperBook
+from vocabulary import BUY, SELL
 
 PRIVATE_PREFIX = "/0/private/"
 FORM_TYPE = "application/x-www-form-urlencoded"

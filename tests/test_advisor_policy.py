@@ -20,7 +20,7 @@ from advisor.policy import (
     refusal_reason,
 )
 from errors import ActionRefused
-from regime.policy import TierState
+from vocabulary import TierState
 
 RAILS = Rails(min_conviction=50, default_ttl_sec=1800, max_ttl_sec=3600, max_opinion_age_sec=600)
 NOW = 10_000.0

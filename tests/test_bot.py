@@ -8,8 +8,8 @@ from conftest import make_sim_bot, run_ticks
 from errors import BadData, ConfigError, RetryLater
 from hmm_regime_detector import RegimeDetector
 from regime.direction_skill import DirectionSkill
-from regime.policy import BULLISH, RANGING, RegimeSignal
 from store.sqlite import SQLiteStore
+from vocabulary import BULLISH, RANGING, RegimeSignal
 
 
 def depth(bot, model="primary"):
@@ -148,7 +148,7 @@ def test_tier_2_suppresses_the_grids_against_trend_entries_after_the_grace(tmp_p
     run_ticks(bot, 8, 15)
     status = bot.status()
     assert status["regime_tier"]["mechanical"]["tier"] == 2
-    assert status["regime_tier"]["suppressed_side"] == "A"
+    assert status["regime_tier"]["suppressed_side"] == "sell"
     grid = status["grid"]
     assert grid["posture"]["tier"] == 2 and grid["posture"]["suppressed_side"] == "sell"
     run_ticks(bot, 6, 15)  # past REGIME_SUPPRESSION_GRACE_SEC (60 s)

@@ -21,9 +21,7 @@ from grid.engine import (
     CYCLES_KEPT,
     ENTRY,
     EXIT,
-    LONG_BIAS,
     MIN_WITH_TREND_SHARE,
-    SHORT_BIAS,
     Cancel,
     Filled,
     Gone,
@@ -46,9 +44,10 @@ from grid.engine import (
     to_dict,
     vol_scale,
 )
-from grid.exchange import BUY, SELL, Balances, Fill, PairRules
+from grid.exchange import Balances, Fill, PairRules
 from grid.paper_exchange import PaperExchange
 from grid.runner import GridRunner
+from vocabulary import BUY, LONG_BIAS, SELL, SHORT_BIAS
 
 RULES = PairRules()
 CONFIG = GridConfig(

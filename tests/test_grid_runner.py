@@ -14,10 +14,11 @@ import pytest
 
 from candles import Candle
 from errors import RetryLater
-from grid.engine import EXIT, LONG_BIAS, SHORT_BIAS, GridConfig, Posture, to_dict
-from grid.exchange import BUY, OrderRequest, PairRules
+from grid.engine import EXIT, GridConfig, Posture, to_dict
+from grid.exchange import OrderRequest, PairRules
 from grid.paper_exchange import PaperExchange, paper_exchange_factory
 from grid.runner import EquityTrack, GridRunner, RunnerSettings
+from vocabulary import BUY, LONG_BIAS, SHORT_BIAS
 
 RULES = PairRules()
 CONFIG = GridConfig(

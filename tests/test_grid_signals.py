@@ -7,7 +7,7 @@ import math
 import pytest
 
 from grid.engine import GridConfig, GridState, Order, RegimeEdge, kelly
-from grid.exchange import BUY, SELL, Balances
+from grid.exchange import Balances
 from grid.signals import (
     BEARISH,
     BULLISH,
@@ -24,6 +24,7 @@ from grid.signals import (
     vol_to_dict,
     with_stranded_losses,
 )
+from vocabulary import BUY, SELL
 
 T0 = 1_767_225_600.0
 FAST, SLOW, BAND = 3, 6, 0.5

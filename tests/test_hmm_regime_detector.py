@@ -24,7 +24,7 @@ from hmm_regime_detector import (
     window_posteriors,
 )
 from market.sim import generate
-from regime.policy import BEARISH, BULLISH, RANGING, REGIMES
+from vocabulary import BEARISH, BULLISH, RANGING, REGIMES
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ from candles import Candle
 from clock import SimClock
 from errors import BadData, ConfigError, RetryLater
 from grid.engine import GridConfig, Posture, to_dict
-from grid.exchange import BUY, SELL, Balances, Fill, OrderRejected, OrderRequest, PairRules
+from grid.exchange import Balances, Fill, OrderRejected, OrderRequest, PairRules
 from grid.paper_exchange import PaperExchange, paper_exchange_factory
 from grid.runner import GridRunner, RunnerSettings
 from kraken import private_client as kraken_private
@@ -46,6 +46,7 @@ from kraken.private_client import (
 )
 from kraken.public_client import UnknownPair
 from market.sim import generate
+from vocabulary import BUY, SELL
 
 START = 1_767_225_600
 CANDLES, _ = generate(240, seed=11)

@@ -4,7 +4,7 @@ from itertools import pairwise
 from candles import aggregate, candle_problem
 from clock import SimClock
 from market.sim import SimulatedMarket, generate
-from regime.policy import REGIMES
+from vocabulary import REGIMES
 
 START = 1_767_225_600
 

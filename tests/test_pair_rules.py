@@ -8,7 +8,7 @@ from conftest import make_settings
 
 from candles import Candle
 from errors import BadData, ConfigError
-from grid.exchange import BUY, SELL, PairRules
+from grid.exchange import PairRules
 from kraken import pair_rules
 from kraken.pair_rules import (
     KNOWN_PAIRS,
@@ -24,6 +24,7 @@ from kraken.pair_rules import (
     split_usd,
 )
 from market.sim import SimParams
+from vocabulary import BUY, SELL
 
 ORDER_USD = 20.0  # the default GRID_ORDER_USD
 ENTRY_PCT = 0.35  # the default GRID_ENTRY_PCT: the grid's nearest entry, percent from the price

@@ -7,8 +7,9 @@ import json
 import pytest
 
 from candles import Candle
-from grid.exchange import BUY, SELL, Balances, Fill, OrderRejected, OrderRequest, PairRules
+from grid.exchange import Balances, Fill, OrderRejected, OrderRequest, PairRules
 from grid.paper_exchange import PaperBook, PaperExchange, paper_exchange_factory
+from vocabulary import BUY, SELL
 
 RULES = PairRules()  # 7 price decimals, 8 lot decimals, at least 50 DOGE and 0.5 USD, 0.25% maker fee
 T0 = 1_767_225_600

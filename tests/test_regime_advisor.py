@@ -22,8 +22,8 @@ from clock import SimClock
 from errors import ActionRefused, ConfigError
 from loop.cycle import Bot
 from market.sim import SimulatedMarket
-from regime.policy import TierState
 from store.sqlite import SQLiteStore
+from vocabulary import TierState
 
 LOCAL = "local-test"
 PAIR = "XDGUSD"

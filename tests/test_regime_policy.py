@@ -1,21 +1,7 @@
 import pytest
 
-from regime.policy import (
-    BEARISH,
-    BULLISH,
-    LONG_BIAS,
-    NO_SIGNAL,
-    RANGING,
-    SHORT_BIAS,
-    SYMMETRIC,
-    RegimeHistory,
-    RegimeSignal,
-    TierSettings,
-    TierState,
-    entry_size,
-    next_tier,
-    policy_signal,
-)
+from regime.policy import NO_SIGNAL, RegimeHistory, TierSettings, entry_size, next_tier, policy_signal
+from vocabulary import BEARISH, BULLISH, LONG_BIAS, RANGING, SHORT_BIAS, SYMMETRIC, RegimeSignal, TierState
 
 T0 = 1_767_225_600.0
 SETTINGS = TierSettings(

@@ -41,8 +41,8 @@ from hmm_regime_detector import RegimeDetector, compute_features
 from loop.cycle import Bot
 from market.sim import SimulatedMarket, generate
 from regime.model_slot import detector_options
-from regime.policy import RANGING, REGIMES
 from store.sqlite import SQLiteStore
+from vocabulary import RANGING, REGIMES
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from bot_process import BotProcess
