@@ -32,9 +32,8 @@ import openai
 from clock import iso_utc
 from config import Settings
 from redaction import scrub
-from regime.policy import PolicySignal
 from retry import parse_retry_after
-from vocabulary import DIRECTIONS, SYMMETRIC, TIERS, RegimeSignal, TierState
+from vocabulary import DIRECTIONS, SYMMETRIC, TIERS, PolicySignal, RegimeSignal, TierState
 
 log = logging.getLogger(__name__)
 

@@ -57,8 +57,9 @@ from regime.direction_skill import SkillSettings
 from regime.model_slot import ModelSlot, SlotSpec, detector_options
 from regime.policy import TierSettings
 from store import migration as store_migration
+from store.interface import Store
 from store.mirrored import open_store
-from store.sqlite import SQLiteStore, Store, StoreLock
+from store.sqlite import SQLiteStore, StoreLock
 from store.supabase import StoreLease, SupabaseStore
 
 log = logging.getLogger("bot")

@@ -45,3 +45,15 @@ class TierState:
     tier: int
     direction: str
     since: float  # time of the last change
+
+
+@dataclass(frozen=True)
+class PolicySignal:
+    """The signal tier gating acts on: the consensus, or the primary alone."""
+
+    source: str  # "primary" | "consensus"
+    agreement: str | None  # full | 15m_neutral | 1m_cooling | conflict (None: primary alone)
+    regime: str
+    confidence: float  # raw, before the training-depth modifier
+    bias_signal: float
+    rule: str = "primary"  # the consensus rule in use (CONSENSUS_RULES)

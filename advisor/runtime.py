@@ -44,7 +44,7 @@ from clock import iso_utc
 from config import Settings
 from errors import MALFORMED, REFUSED, ActionRefused, RetryLater
 from redaction import scrub
-from store.sqlite import Store
+from store.interface import Store
 from vocabulary import TierState
 
 log = logging.getLogger(__name__)

@@ -34,7 +34,7 @@ from clock import Clock
 from errors import BadData, RetryLater
 from kraken.public_client import Trade, TradesPage
 from retry import backoff_delay
-from store.sqlite import Store
+from store.interface import Store
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from config import Settings
 from errors import BadData, ConfigError, RetryLater
 from grid.engine import Posture
 from grid.runner import GridRunner
-from health import HealthFacts, verdict
+from health import FeedFacts, HealthFacts, verdict
 from kraken.trades_backfill import TradesBackfill
 from loop.error_log import ErrorLog
 from loop.snapshots import (
@@ -65,7 +65,7 @@ from regime.policy import (
     next_tier,
     policy_signal,
 )
-from store.sqlite import Store, first_non_finite
+from store.interface import Store, first_non_finite
 from vocabulary import LONG_BIAS, SHORT_BIAS, STOP, SYMMETRIC, TierState
 
 log = logging.getLogger("bot")
@@ -521,6 +521,15 @@ class Bot:
         self.last_failure = f"{type(exc).__name__}: {exc}"
         self.record_error("main loop", self.last_failure, now)
 
+    def _feed_facts(self) -> tuple[FeedFacts, ...]:
+        """Each candle feed's newest close time, freshness limit and last error."""
+        out = []
+        for label, feed in self.pipeline.health(self.clock.now()).items():
+            newest = feed["newest_candle_time"]
+            end = None if newest is None else float(newest + 60 * feed["interval_min"])
+            out.append(FeedFacts(label, end, feed["freshness_limit_sec"], feed["last_error"]))
+        return tuple(out)
+
     def health_facts(self) -> HealthFacts:
         """What the health verdict is computed from (SPEC section 10); immutable, so other threads may keep it."""
         s = self.settings
@@ -529,7 +538,7 @@ class Bot:
             loop_limit_sec=3 * self.interval_sec,
             failing_cycles=self.failing_cycles,
             last_failure=self.last_failure,
-            feeds=self.pipeline.health_facts(),
+            feeds=self._feed_facts(),
             # Saved at least every interval, checked every cycle: a longer gap means saving fails.
             persist_limit_sec=s.STATE_SNAPSHOT_INTERVAL_SEC + 2 * self.interval_sec if self.autosave else None,
             last_saved_at=self._last_snapshot_at,

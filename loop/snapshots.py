@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from clock import iso_utc
-from store.sqlite import first_non_finite
+from store.interface import first_non_finite
 from vocabulary import BUY, DIRECTIONS, SELL, SYMMETRIC, TIERS
 
 SNAPSHOT_VERSION = 1

@@ -15,9 +15,9 @@ from typing import Any
 
 from ai_advisor import matrix_view, signal_view
 from clock import iso_utc
-from regime.policy import PolicySignal, TierDecision
+from regime.policy import TierDecision
 from regime.training_depth import TrainingDepth
-from vocabulary import BUY, LONG_BIAS, SELL, SHORT_BIAS, SYMMETRIC, RegimeSignal, TierState
+from vocabulary import BUY, LONG_BIAS, SELL, SHORT_BIAS, SYMMETRIC, PolicySignal, RegimeSignal, TierState
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,7 @@ from itertools import islice
 
 from candles import Candle, MarketData, candle_problem, merge_candles
 from errors import BadData, RetryLater
-from health import FeedFacts
-from store.sqlite import Store
+from store.interface import Store
 
 log = logging.getLogger(__name__)
 
@@ -131,18 +130,6 @@ class CandlePipeline:
             st.available += len(good)
             st.new_since_check += len(good)
         return len(good)
-
-    def health_facts(self) -> tuple[FeedFacts, ...]:
-        """What the health verdict needs of each feed."""
-        return tuple(
-            FeedFacts(
-                spec.label,
-                None if (newest := self.state[interval].newest_time) is None else float(newest + spec.width_sec),
-                spec.freshness_limit_sec,
-                self.state[interval].last_error,
-            )
-            for interval, spec in self.specs.items()
-        )
 
     def take_new(self, interval: int) -> int:
         """Candles added to ``interval`` since the last call (for evaluation triggers)."""

@@ -9,22 +9,21 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from vocabulary import BEARISH, BULLISH, LONG_BIAS, RANGING, SHORT_BIAS, STOP, SYMMETRIC, RegimeSignal, TierState
+from vocabulary import (
+    BEARISH,
+    BULLISH,
+    LONG_BIAS,
+    RANGING,
+    SHORT_BIAS,
+    STOP,
+    SYMMETRIC,
+    PolicySignal,
+    RegimeSignal,
+    TierState,
+)
 
 NO_SIGNAL = RegimeSignal(RANGING, 0.0, 0.0, None)
 """The signal of an untrained model: ranging, no confidence, no bias."""
-
-
-@dataclass(frozen=True)
-class PolicySignal:
-    """The signal tier gating acts on: the consensus, or the primary alone."""
-
-    source: str  # "primary" | "consensus"
-    agreement: str | None  # full | 15m_neutral | 1m_cooling | conflict (None: primary alone)
-    regime: str
-    confidence: float  # raw, before the training-depth modifier
-    bias_signal: float
-    rule: str = "primary"  # the consensus rule in use (CONSENSUS_RULES)
 
 
 CONSENSUS_RULES = ("primary", "table")

@@ -364,8 +364,8 @@ def trailing_volatility(candles, horizon: int) -> np.ndarray:
 
 # --- consensus rules and tier runs (research copies of the candidates) ---------------------
 
-from regime.policy import PolicySignal, TierSettings, next_tier, policy_signal  # noqa: E402
-from vocabulary import BEARISH, BULLISH, RANGING, RegimeSignal, TierState  # noqa: E402
+from regime.policy import TierSettings, next_tier, policy_signal  # noqa: E402
+from vocabulary import BEARISH, BULLISH, RANGING, PolicySignal, RegimeSignal, TierState  # noqa: E402
 
 DEFAULT_TIERS = TierSettings(
     tier1_confidence=0.20, tier2_confidence=0.50, tier1_bias_floor=0.10, tier2_bias_floor=0.25,

@@ -57,7 +57,7 @@ from config import Settings
 from errors import BadData, ConfigError, RetryLater
 from redaction import mask_url
 from retry import backoff_delay as doubling_delay
-from store.sqlite import FILL_COLUMNS, OPINION_COLUMNS, TRANSITION_COLUMNS
+from store.interface import FILL_COLUMNS, OPINION_COLUMNS, TRANSITION_COLUMNS
 from store.supabase import CANDLE_COLUMNS, CANDLES, FILLS, OPINIONS, STATE, TABLES, TRANSITIONS, SupabaseStore
 
 log = logging.getLogger(__name__)

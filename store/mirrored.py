@@ -49,7 +49,8 @@ from typing import Any
 from candles import Candle, merge_candles
 from config import Settings
 from errors import BadData, ConfigError, RetryLater
-from store.sqlite import SQLiteStore, store_status
+from store.interface import store_status
+from store.sqlite import SQLiteStore
 from store.supabase import SupabaseStore
 
 log = logging.getLogger(__name__)

@@ -59,7 +59,7 @@ from candles import Candle
 from errors import BadData, ConfigError, RetryLater
 from redaction import mask_url, scrub
 from retry import parse_retry_after
-from store.sqlite import FILL_COLUMNS, OPINION_COLUMNS, SCHEMA, TRANSITION_COLUMNS, state_document, store_status
+from store.interface import FILL_COLUMNS, OPINION_COLUMNS, SCHEMA, TRANSITION_COLUMNS, state_document, store_status
 
 log = logging.getLogger(__name__)
 

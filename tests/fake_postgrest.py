@@ -67,7 +67,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 from loopback_server import LoopbackServer
 
-from store.sqlite import SCHEMA as STORE_SCHEMA
+from store.interface import SCHEMA as STORE_SCHEMA
 from store.supabase import LEASE_SCHEMA
 
 log = logging.getLogger(__name__)

@@ -24,7 +24,8 @@ from ai_advisor import (
     panel_from_settings,
     parse_opinion,
 )
-from regime.policy import NO_SIGNAL, PolicySignal, TierState
+from regime.policy import NO_SIGNAL
+from vocabulary import PolicySignal, TierState
 
 KIMI, LLAMA70, LLAMA8, LOCAL = "kimi-test", "llama70-test", "llama8-test", "local-test"
 CONTEXT = {"pair": "XDGUSD", "price": 0.1}

@@ -23,7 +23,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 
 from clock import iso_utc
-from store.sqlite import store_status
+from store.interface import store_status
 
 pytestmark = pytest.mark.browser
 

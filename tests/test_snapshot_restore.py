@@ -9,7 +9,7 @@ import sqlite3
 
 from conftest import SIM_START
 
-from store.sqlite import SCHEMA
+from store.interface import SCHEMA
 
 SAVED_AT = SIM_START + 7200.0  # the sim clock resumes here: no value below lies in the future
 PAIR = "XDGUSD"

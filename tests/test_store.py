@@ -12,8 +12,9 @@ from fake_postgrest import FakePostgrest
 
 from candles import Candle
 from errors import BadData, ConfigError, RetryLater
+from store.interface import SCHEMA
 from store.mirrored import LocalMirror, MirroredStore
-from store.sqlite import SCHEMA, SQLiteStore, StoreLock
+from store.sqlite import SQLiteStore, StoreLock
 from store.supabase import SupabaseStore
 
 PAIR = "XDGUSD"

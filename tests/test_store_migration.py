@@ -20,8 +20,9 @@ from fake_postgrest import FakePostgrest
 
 from candles import Candle
 from errors import ConfigError, RetryLater
+from store.interface import SCHEMA
 from store.migration import MigrationReport, backoff_delay, migrate, progress_due, progress_line, run
-from store.sqlite import SCHEMA, SQLiteStore
+from store.sqlite import SQLiteStore
 from store.supabase import TABLES, SupabaseStore
 
 T0 = 1_700_000_040

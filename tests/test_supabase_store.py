@@ -15,7 +15,7 @@ from fake_postgrest import FakePostgrest, content_range, range_status, requested
 
 from candles import Candle
 from errors import BadData, ConfigError, RetryLater
-from store.sqlite import SCHEMA
+from store.interface import SCHEMA
 from store.supabase import LEASE_SCHEMA, SCHEMA_FILE, StoreLease, SupabaseStore, classify_api_error, parse_tables
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -27,8 +27,9 @@ from clock import SimClock
 from config import load_settings
 from kraken.public_client import KrakenPublicClient
 from market.sim import generate
+from store.interface import Store
 from store.mirrored import LocalMirror, MirroredStore
-from store.sqlite import SQLiteStore, Store
+from store.sqlite import SQLiteStore
 from store.supabase import SupabaseStore
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
